@@ -1,0 +1,45 @@
+# The zoo's commands. The first call builds .venv from pyproject.toml; later calls reuse it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EXP ?= fixmatch_digits
+ARGS ?=
+STEPS ?= 100
+SEEDS ?= 0 1 2
+
+.PHONY: help venv train smoke test bench compare-digits clean
+
+help: ## list the commands and every experiment
+	@echo "Commands:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@echo; echo "Experiments (make train EXP=<name>):"
+	@for f in experiments/*.yaml; do \
+		printf "  %-30s %s\n" "$$(basename $$f .yaml)" "$$(sed -n 's/^# //p;q' $$f)"; done
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed ## build the environment (.venv)
+
+train: venv ## run an experiment: make train EXP=<name> ARGS="--key=value ..." (reruns resume)
+	$(PY) -m zoo fit --config experiments/$(EXP).yaml $(ARGS)
+
+smoke: venv ## a few steps of an experiment with tiny sizes, in a throw-away run directory
+	$(PY) -m zoo.core.smoke experiments/$(EXP).yaml $(ARGS)
+
+bench: venv ## training throughput (samples/s) and data-wait share: make bench EXP=<name> STEPS=100
+	$(PY) -m zoo.core.bench experiments/$(EXP).yaml --steps $(STEPS) $(ARGS)
+
+test: venv ## the whole test suite (offline, CPU)
+	$(PY) -m pytest tests $(ARGS)
+
+compare-digits: venv ## FixMatch vs supervised on digits over SEEDS; writes zoo/fixmatch/results_digits.md
+	$(PY) -m zoo.core.compare --out zoo/fixmatch/results_digits.md --seeds $(SEEDS) \
+		fixmatch=experiments/fixmatch_digits.yaml supervised=experiments/supervised_digits.yaml
+
+clean: ## remove run directories (checkpoints, offline W&B runs)
+	rm -rf runs

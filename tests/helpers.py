@@ -1,0 +1,68 @@
+"""Shared test utilities: build an experiment through the real CLI, with the offline stand-in for full datasets."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import yaml
+from lightning.pytorch import Callback
+
+from zoo.core.cli import ZooCLI
+from zoo.core.datasets import MissingDatasetError, load_image_set
+from zoo.core.smoke import smoke_args
+
+# Full-size datasets that are not on this machine are replaced by their offline stand-in *here*, never in the library.
+STAND_INS = {"cifar10": "cifar10_subset", "cifar100": "cifar10_subset"}
+
+
+def stand_in_args(config_path: Path) -> list[str]:
+    config = yaml.safe_load(Path(config_path).read_text())
+    dataset = (config.get("data") or {}).get("init_args", {}).get("dataset")
+    if dataset in STAND_INS:
+        try:
+            load_image_set(dataset, download=False)
+        except MissingDatasetError:
+            return [f"--data.init_args.dataset={STAND_INS[dataset]}", "--data.init_args.download=false"]
+    return []
+
+
+def build(config_path, run_root, *extra, smoke=True) -> ZooCLI:
+    args = (smoke_args(str(config_path), str(run_root), subcommand=False) if smoke
+            else ["--config", str(config_path), f"--run.root={run_root}"])
+    return ZooCLI(args=args + stand_in_args(config_path) + list(extra), run=False)
+
+
+class StepChecker(Callback):
+    """Checks, on every training step: finite loss, a finite gradient for every trainable parameter, and that
+    the EMA moved by exactly ``ema <- ema + (1 - decay) (online - ema)``."""
+
+    def __init__(self):
+        self.steps = 0
+        self.missing_grads: set[str] = set()
+        self.ema_errors: list[float] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._ema_before = ([p.detach().clone() for p in pl_module.ema.module.parameters()]
+                            if pl_module.ema is not None else None)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for name, p in pl_module.named_parameters():
+            if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum()):
+                self.missing_grads.add(name)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+        self.steps += 1
+        if self._ema_before is not None:
+            decay = pl_module.ema_decay_at(trainer.global_step - 1)
+            for before, ema, online in zip(self._ema_before, pl_module.ema.module.parameters(),
+                                           pl_module.network.parameters()):
+                expected = before + (1 - decay) * (online.detach() - before)
+                self.ema_errors.append(float((ema - expected).abs().max()))
+
+
+def load_yaml(path) -> dict:
+    return copy.deepcopy(yaml.safe_load(Path(path).read_text()))

@@ -1,0 +1,98 @@
+"""Callbacks every experiment gets from the CLI: non-finite loss guard, throughput, prediction samples."""
+from __future__ import annotations
+
+import time
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "SpeedMonitor", "PredictionSamples", "count_samples"]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NonFiniteLossGuard(Callback):
+    """Stops training before a NaN/inf loss is back-propagated, so no weights (and no checkpoint) are corrupted."""
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none yet"
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {trainer.global_step}; training stopped before applying it. "
+                f"Last good checkpoint: {last}. Lower the learning rate, check the inputs, or disable "
+                f"mixed precision, then rerun (the run resumes from that checkpoint).")
+
+
+def count_samples(batch) -> int:
+    """Dataset items in a batch: the length of every ``idx`` entry, across streams (labeled + unlabeled)."""
+    if isinstance(batch, dict):
+        if "idx" in batch:
+            return len(batch["idx"])
+        return sum(count_samples(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return sum(count_samples(v) for v in batch)
+    return 0
+
+
+class SpeedMonitor(Callback):
+    """Logs samples/s (summed over processes) and the share of wall time spent waiting for the next batch."""
+
+    def __init__(self, log_every_n_steps: int = 50, warmup_steps: int = 5):
+        self.log_every, self.warmup = log_every_n_steps, warmup_steps
+        self.reset()
+
+    def reset(self):
+        self.samples = 0
+        self.wait = self.compute = 0.0
+        self._batch_end = self._batch_start = None
+        self._steps = 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._batch_end = None  # the first fetch of an epoch includes starting workers: not steady state
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._batch_start = time.perf_counter()
+        self._steps += 1
+        if self._batch_end is not None and self._steps > self.warmup:
+            self.wait += self._batch_start - self._batch_end
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._steps > self.warmup:
+            self.compute += now - self._batch_start
+            self.samples += count_samples(batch) * trainer.world_size
+        self._batch_end = now
+        if self._steps % self.log_every == 0 and self.compute > 0:
+            pl_module.log_dict(self.summary(prefix="perf/"), rank_zero_only=True)
+
+    def summary(self, prefix: str = "") -> dict[str, float]:
+        total = self.wait + self.compute
+        return {f"{prefix}samples_per_sec": self.samples / total if total else 0.0,
+                f"{prefix}data_wait_share": self.wait / total if total else 0.0}
+
+
+class PredictionSamples(Callback):
+    """A W&B panel of the first validation images with their predicted and true labels, each validation."""
+
+    def __init__(self, num_images: int = 16):
+        self.num_images = num_images
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx or not trainer.is_global_zero or not isinstance(outputs, dict) or "preds" not in outputs:
+            return
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or trainer.sanity_checking:
+            return
+        images = batch["image"][: self.num_images].float()
+        lo = images.amin(dim=(1, 2, 3), keepdim=True)
+        hi = images.amax(dim=(1, 2, 3), keepdim=True)
+        images = ((images - lo) / (hi - lo + 1e-8)).cpu()
+        classes = getattr(getattr(trainer.datamodule, "data", None), "classes", None)
+        name = (lambda i: classes[i]) if classes else str
+        captions = [f"pred {name(int(p))} / true {name(int(t))}"
+                    for p, t in zip(outputs["preds"][: self.num_images], batch["label"][: self.num_images])]
+        for lg in loggers:
+            lg.log_image("val/samples", list(images), step=trainer.global_step, caption=captions)

@@ -1,0 +1,158 @@
+"""Image datasets as uint8 arrays, resolved under ``ZOO_DATA_DIR`` (default ``data/``).
+
+Every loader returns an :class:`ImageSet`. Full datasets use their real download path; when a dataset is not on
+disk and cannot be downloaded, :class:`MissingDatasetError` names the exact path expected and how to get it.
+Nothing here ever substitutes other data.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ImageSet", "MissingDatasetError", "data_root", "load_image_set", "IMAGE_SETS"]
+
+
+class MissingDatasetError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class ImageSet:
+    name: str
+    x_train: np.ndarray  # (N, H, W, C) uint8
+    y_train: np.ndarray  # (N,) int64
+    x_test: np.ndarray
+    y_test: np.ndarray
+    mean: tuple[float, ...]  # per channel, in [0, 1], used on device for normalisation
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def data_root() -> Path:
+    """Where datasets are stored and downloaded: ``ZOO_DATA_DIR``, default ``data/``."""
+    return Path(os.environ.get("ZOO_DATA_DIR", "data")).expanduser()
+
+
+def shared_root() -> Path:
+    """The offline data folder shipped beside the checkout (``../shared/data``), searched after ``data_root()``."""
+    return Path(os.environ.get("ZOO_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+
+
+def _require(relative: str, how: str) -> Path:
+    for root in (data_root(), shared_root()):
+        if (root / relative).exists():
+            return root / relative
+    raise MissingDatasetError(f"dataset file not found: {(data_root() / relative).resolve()}\n  {how}\n"
+                              f"  (searched ZOO_DATA_DIR={data_root()} and {shared_root()})")
+
+
+def _rgb(x: np.ndarray) -> np.ndarray:
+    return np.repeat(x[..., None], 3, axis=-1) if x.ndim == 3 else x
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+def _torchvision_cifar(name: str, download: bool) -> ImageSet:
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    root = data_root() / name
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except Exception as err:  # offline: URLError / RuntimeError("Dataset not found")
+        raise MissingDatasetError(
+            f"{name} is not in {root.resolve()} and could not be downloaded ({type(err).__name__}: {err}).\n"
+            f"  With internet, rerun and it downloads there; or place torchvision's extracted "
+            f"'{cls.base_folder}/' folder (from {cls.url}) in {root.resolve()}.") from err
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    return ImageSet(name, train.data, np.asarray(train.targets, np.int64), test.data,
+                    np.asarray(test.targets, np.int64), mean, std, tuple(train.classes))
+
+
+def load_cifar10(download: bool = True) -> ImageSet:
+    return _torchvision_cifar("cifar10", download)
+
+
+def load_cifar100(download: bool = True) -> ImageSet:
+    return _torchvision_cifar("cifar100", download)
+
+
+def load_cifar10_subset(download: bool = False) -> ImageSet:
+    """The offline 10k/2k CIFAR-10 subset (JPEG-decoded; see its SOURCE.md)."""
+    path = _require("cifar10/cifar10_subset.npz",
+                    "It ships in the zoo's shared offline data (set ZOO_DATA_DIR=../shared/data).")
+    d = np.load(path)
+    return ImageSet("cifar10_subset", d["x_train"], d["y_train"].astype(np.int64), d["x_test"],
+                    d["y_test"].astype(np.int64), CIFAR10_MEAN, CIFAR10_STD, CIFAR10_CLASSES)
+
+
+def _idx(path: Path, offset: int) -> np.ndarray:
+    with gzip.open(path) as f:
+        return np.frombuffer(f.read(), np.uint8, offset=offset)
+
+
+def load_mnist(download: bool = False) -> ImageSet:
+    """MNIST 60k/10k from torchvision's raw idx files (``<root>/mnist/MNIST/raw/*.gz``), as 28x28 RGB."""
+    raw = "mnist/MNIST/raw/"
+    how = "Download the four idx .gz files from http://yann.lecun.com/exdb/mnist/ into that folder."
+    x_tr = _idx(_require(raw + "train-images-idx3-ubyte.gz", how), 16).reshape(-1, 28, 28)
+    y_tr = _idx(_require(raw + "train-labels-idx1-ubyte.gz", how), 8)
+    x_te = _idx(_require(raw + "t10k-images-idx3-ubyte.gz", how), 16).reshape(-1, 28, 28)
+    y_te = _idx(_require(raw + "t10k-labels-idx1-ubyte.gz", how), 8)
+    return ImageSet("mnist", _rgb(x_tr), y_tr.astype(np.int64), _rgb(x_te), y_te.astype(np.int64),
+                    (0.1307,) * 3, (0.3081,) * 3, tuple(str(i) for i in range(10)))
+
+
+def load_usps(download: bool = False) -> ImageSet:
+    """USPS 7,291/2,007 at 16x16, as RGB."""
+    path = _require("usps/usps_16x16.npz",
+                    "It ships in the zoo's shared offline data (set ZOO_DATA_DIR=../shared/data).")
+    d = np.load(path)
+    return ImageSet("usps", _rgb(d["x_train"]), d["y_train"].astype(np.int64), _rgb(d["x_test"]),
+                    d["y_test"].astype(np.int64), (0.2469,) * 3, (0.2989,) * 3, tuple(str(i) for i in range(10)))
+
+
+def load_digits(download: bool = False) -> ImageSet:
+    """scikit-learn's 1,797 8x8 digits, upscaled (bilinear) to 32x32 RGB; fixed stratified 70/30 split (seed 0)."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sk_digits()
+    images = torch.from_numpy(digits.images).float()[:, None] * (255.0 / 16.0)
+    images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+    images = images.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    x_tr, x_te, y_tr, y_te = train_test_split(images, digits.target, test_size=0.3, stratify=digits.target,
+                                              random_state=0)
+    mean, std = float(x_tr.mean() / 255), float(x_tr.std() / 255)
+    return ImageSet("digits", _rgb(x_tr), y_tr.astype(np.int64), _rgb(x_te), y_te.astype(np.int64),
+                    (mean,) * 3, (std,) * 3, tuple(str(i) for i in range(10)))
+
+
+IMAGE_SETS = {
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+    "cifar10_subset": load_cifar10_subset,
+    "mnist": load_mnist,
+    "usps": load_usps,
+    "digits": load_digits,
+}
+
+
+def load_image_set(name: str, download: bool = True) -> ImageSet:
+    if name not in IMAGE_SETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {sorted(IMAGE_SETS)}")
+    return IMAGE_SETS[name](download=download)

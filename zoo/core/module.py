@@ -1,0 +1,134 @@
+"""The base LightningModule: optimisation plumbing shared by every paper, and nothing of any paper's idea.
+
+A paper subclasses :class:`ZooModule`, declares its hyper-parameters as ``__init__`` arguments with the paper's
+defaults (the constructor is the config schema), passes the shared ones through, and implements
+``training_step`` / ``validation_step``. The base provides:
+
+- SGD / AdamW / RAdam with no weight decay on biases and normalisation parameters;
+- linear warm-up then cosine decay over ``trainer.estimated_stepping_batches``;
+- an optional EMA copy of ``self.network`` updated right after every optimizer step (``self.ema``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn as nn
+
+from .ema import EMA
+from .metrics import accuracy
+
+__all__ = ["ZooModule", "param_groups", "warmup_cosine"]
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights with decay; biases and normalisation parameters without."""
+    decay, no_decay = [], []
+    for mod in module.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            (no_decay if isinstance(mod, _NORM_TYPES) or name.endswith("bias") or p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, total: int, warmup: int, cycles: float) -> float:
+    """LR multiplier: linear warm-up, then ``max(0, cos(pi * cycles * progress))``.
+
+    ``cycles=7/16`` is FixMatch's ``cos(7 pi k / 16 K)``; ``cycles=0.5`` decays to zero at the end.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, math.cos(math.pi * cycles * progress))
+
+
+class ZooModule(L.LightningModule):
+    """Base for every paper. ``network`` is the trained model; subclasses add their own heads and losses.
+
+    Args:
+        network: the backbone + classifier (or any model) being trained.
+        optimizer: ``sgd`` (with ``momentum`` / ``nesterov``), ``adamw`` or ``radam``.
+        lr, weight_decay, momentum, nesterov: optimiser settings; weight decay skips biases and norms.
+        warmup_steps: linear warm-up length in optimizer steps.
+        lr_schedule: ``cosine`` (see :func:`warmup_cosine`, with ``cosine_cycles``) or ``constant``.
+        ema_decay: if set, keep ``self.ema``, an EMA of ``network`` with this decay.
+        ema_buffers: ``copy`` or ``average`` BatchNorm statistics into the EMA.
+        compile: wrap ``network`` in ``torch.compile``.
+    """
+
+    def __init__(self, network: nn.Module, optimizer: Literal["sgd", "adamw", "radam"] = "sgd", lr: float = 0.03,
+                 weight_decay: float = 5e-4, momentum: float = 0.9, nesterov: bool = True, warmup_steps: int = 0,
+                 lr_schedule: Literal["cosine", "constant"] = "cosine", cosine_cycles: float = 7 / 16,
+                 ema_decay: float | None = 0.999, ema_buffers: Literal["copy", "average"] = "copy",
+                 compile: bool = False):
+        super().__init__()
+        self.network = network
+        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        self.momentum, self.nesterov, self.warmup_steps = momentum, nesterov, warmup_steps
+        self.lr_schedule, self.cosine_cycles = lr_schedule, cosine_cycles
+        self.ema_decay = ema_decay
+        self.ema = EMA(network, buffers=ema_buffers) if ema_decay is not None else None
+        self.compile = compile
+
+    def configure_model(self) -> None:
+        if self.compile and not isinstance(self.network, torch._dynamo.eval_frame.OptimizedModule):
+            self.network = torch.compile(self.network)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predictions for deployment: the EMA network when there is one."""
+        return (self.ema if self.ema is not None else self.network)(x)
+
+    # ------------------------------------------------- classifier evaluation
+    def setup(self, stage: str) -> None:
+        num_classes = getattr(getattr(self.network, "classifier", None), "out_features", None)
+        if num_classes and not hasattr(self, "val_acc"):
+            self.val_acc = accuracy(num_classes)
+            self.val_ema_acc = accuracy(num_classes) if self.ema is not None else None
+
+    def classifier_validation_step(self, batch: dict) -> dict:
+        """Top-1 accuracy of ``network`` (``val/acc``) and of its EMA (``val/ema_acc``) on ``batch["image"]``."""
+        x, y = batch["image"], batch["label"]
+        logits = self.network(x)
+        self.val_acc(logits, y)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+        if self.ema is not None:
+            logits = self.ema(x)
+            self.val_ema_acc(logits, y)
+            self.log("val/ema_acc", self.val_ema_acc, on_epoch=True, prog_bar=True)
+        return {"preds": logits.argmax(1)}
+
+    # -------------------------------------------------------------- optimisation
+    def trainable_modules(self) -> nn.Module:
+        """What the optimiser trains; papers with extra heads keep them as submodules of ``self``."""
+        return self
+
+    def configure_optimizers(self):
+        groups = param_groups(self.trainable_modules(), self.weight_decay)
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
+        elif self.optimizer_name == "adamw":
+            opt = torch.optim.AdamW(groups, lr=self.lr)
+        elif self.optimizer_name == "radam":
+            opt = torch.optim.RAdam(groups, lr=self.lr)
+        else:
+            raise ValueError(f"unknown optimizer {self.optimizer_name!r}; use sgd, adamw or radam")
+        if self.lr_schedule == "constant":
+            return opt
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, total, self.warmup_steps, self.cosine_cycles))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def ema_decay_at(self, step: int) -> float:
+        """Decay used at optimizer step ``step``; papers with a teacher schedule override this."""
+        return self.ema_decay
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.network, self.ema_decay_at(self.global_step))
