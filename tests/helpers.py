@@ -66,3 +66,36 @@ class StepChecker(Callback):
 
 def load_yaml(path) -> dict:
     return copy.deepcopy(yaml.safe_load(Path(path).read_text()))
+
+
+class SimulatedInterruption(RuntimeError):
+    pass
+
+
+class InterruptAt(Callback):
+    """Raises after optimizer step ``step``, like a job killed mid-run (used by the resume test)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise SimulatedInterruption(f"interrupted at step {self.step}")
+
+
+class RecordBatches(Callback):
+    """Writes, per rank, the sample indices of every training step and the final validation metrics."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.steps: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append({k: v["idx"].tolist() for k, v in batch.items()})
+
+    def on_fit_end(self, trainer, pl_module):
+        import json
+
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(self.out_dir) / f"rank{trainer.global_rank}.json", "w") as f:
+            json.dump({"steps": self.steps, "world_size": trainer.world_size}, f)

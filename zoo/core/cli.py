@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -86,7 +86,7 @@ class ZooCLI(LightningCLI):
             ZooModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
             save_config_callback=LogConfig, save_config_kwargs={"overwrite": True},
             trainer_defaults={"use_distributed_sampler": False, "max_epochs": -1, "log_every_n_steps": 50},
-            auto_configure_optimizers=False, args=args, run=run)
+            auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False}, args=args, run=run)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run.name", type=str | None, default=None,
@@ -122,9 +122,9 @@ class ZooCLI(LightningCLI):
         run_dir.mkdir(parents=True, exist_ok=True)
         callbacks = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
         callbacks += [
-            ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                            every_n_train_steps=run["checkpoint_every_n_steps"]),
-            OnExceptionCheckpoint(dirpath=run_dir / "checkpoints", filename="last"),
+            # last.ckpt: every N steps, at the end, and when the run is interrupted (Ctrl-C, an exception)
+            ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, save_on_exception=True,
+                            every_n_train_steps=run["checkpoint_every_n_steps"], enable_version_counter=False),
             NonFiniteLossGuard(), SpeedMonitor(), PredictionSamples(), LearningRateMonitor("step"),
         ]
         logger = self._make_logger(cfg, run, name, run_dir)
@@ -176,27 +176,80 @@ class ZooCLI(LightningCLI):
             elif mode == "offline":
                 print(f"[zoo] W&B run saved offline in {Path(experiment.dir).parent}; upload it with:\n"
                       f"      wandb sync {Path(experiment.dir).parent}")
+            experiment.finish()
 
 
 def _suggest_keys(parser, args) -> None:
-    """jsonargparse names the unexpected key; add the close valid ones, which it does not."""
-    argv = list(args) if args is not None else sys.argv[1:]
-    text = " ".join(str(a) for a in argv)
-    try:
-        valid = set()
-        sub = parser._subcommands_action._name_parser_map.get(argv[0]) if argv else None
-        for action in (sub or parser)._actions:
-            for opt in action.option_strings:
-                valid.add(opt.lstrip("-"))
-    except Exception:  # best effort only
-        return
-    for key in re.findall(r"--([\w.]+)=", text):
-        if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.75)
+    """jsonargparse names the unexpected key; add the valid ones (and the closest), which it does not."""
+    import yaml
+
+    argv = [str(a) for a in (args if args is not None else sys.argv[1:])]
+    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    classes = {}
+    for path in configs:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError:
+            continue
+        for section in ("model", "data"):
+            if isinstance(loaded.get(section), dict) and "class_path" in loaded[section]:
+                classes[section] = loaded[section]["class_path"]
+    keys = re.findall(r"--([\w.]+)=", " ".join(argv))
+    for path in configs:  # keys written in the YAML files themselves
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError:
+            continue
+        for section in ("model", "data"):
+            init_args = (loaded.get(section) or {}).get("init_args") or {}
+            keys += [f"{section}.init_args.{k}" for k in init_args]
+    options = _parser_options(parser, argv)
+    for key in keys:
+        if key.split(".")[0] in ("trainer", "run") and options and key not in options:
+            close = difflib.get_close_matches(key, options, n=3, cutoff=0.75)
             if close:
-                print(f"[zoo] unknown option --{key}; did you mean: {', '.join('--' + c for c in close)}",
+                print(f"[zoo] unknown option --{key}. Did you mean: {', '.join('--' + c for c in close)}?",
                       file=sys.stderr)
+            continue
+        section, _, rest = key.partition(".")
+        name = rest.removeprefix("init_args.")
+        if section not in classes or "." in name:
+            continue
+        valid = _init_arguments(classes[section])
+        if valid and name not in valid:
+            close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            print(f"[zoo] {classes[section]} has no argument '{name}'.{hint}\n      Valid: {', '.join(valid)}",
+                  file=sys.stderr)
+
+
+def _parser_options(parser, argv) -> list[str]:
+    try:
+        sub = parser._subcommands_action._name_parser_map.get(argv[0]) if argv else None
+    except AttributeError:
+        sub = None
+    return sorted({opt.lstrip("-") for action in (sub or parser)._actions for opt in action.option_strings})
+
+
+def _init_arguments(class_path: str) -> list[str]:
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return []
+    params = inspect.signature(cls.__init__).parameters
+    return [p for p in params if p not in ("self", "args", "kwargs")]
 
 
 def main(args=None) -> None:
-    ZooCLI(args=args)
+    from .callbacks import NonFiniteLossError
+    from .datasets import MissingDatasetError
+
+    try:
+        ZooCLI(args=args)
+    except (MissingDatasetError, NonFiniteLossError) as err:  # expected failures: the message, not a traceback
+        print(f"\n[zoo] {type(err).__name__}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

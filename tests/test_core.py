@@ -1,0 +1,117 @@
+"""Units of the common base: samplers, labeled split, EMA, optimiser groups, LR schedule, W&B offline run."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from zoo.core.cli import ZooCLI
+from zoo.core.data import FixedLengthSampler, sample_labeled_indices
+from zoo.core.ema import EMA
+from zoo.core.module import param_groups, warmup_cosine
+from zoo.core.nets import SmallCNN, WideResNet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sampler_shards_are_disjoint_and_form_the_global_batch():
+    single = FixedLengthSampler(50, 120, seed=3)
+    shards = [FixedLengthSampler(50, 120, seed=3, rank=r, world_size=4) for r in range(4)]
+    for s in [single, *shards]:
+        s.set_epoch(2)
+    draws = list(single)
+    per_rank = [list(s) for s in shards]
+    assert all(len(p) == 30 for p in per_rank)
+    for step in range(120 // 24):  # global batch 24 = 4 ranks x 6
+        union = sorted(x for p in per_rank for x in p[step * 6:(step + 1) * 6])
+        assert union == sorted(draws[step * 24:(step + 1) * 24])
+
+
+def test_sampler_epochs_differ_and_fast_forward_skips_exactly():
+    s = FixedLengthSampler(40, 64, seed=0)
+    s.set_epoch(0)
+    first = list(s)
+    s.set_epoch(1)
+    assert list(s) != first
+    assert sorted(i for i, _ in first[:40]) == list(range(40))  # each permutation covers the data once
+    s.set_epoch(0)
+    s.fast_forward(10)
+    assert list(s) == first[10:]
+    assert list(s) == first  # the skip is one-shot
+
+
+def test_labeled_split_is_balanced_and_seeded():
+    labels = np.repeat(np.arange(10), 30)
+    a = sample_labeled_indices(labels, 40, 10, seed=0)
+    assert np.bincount(labels[a]).tolist() == [4] * 10
+    assert (a == sample_labeled_indices(labels, 40, 10, seed=0)).all()
+    assert (a != sample_labeled_indices(labels, 40, 10, seed=1)).any()
+    with pytest.raises(ValueError):
+        sample_labeled_indices(labels, 45, 10, seed=0)
+
+
+def test_ema_parameters_follow_lerp_and_buffers_follow_their_mode():
+    net = SmallCNN(width=4)
+    for mode in ("copy", "average"):
+        ema = EMA(net, buffers=mode)
+        before = [p.clone() for p in ema.module.parameters()]
+        buf_before = [b.clone() for b in ema.module.buffers()]
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1.0)
+            for b in net.buffers():
+                b.add_(2) if b.is_floating_point() else b.add_(1)
+        ema.update(net, 0.9)
+        for b0, e, p in zip(before, ema.module.parameters(), net.parameters()):
+            torch.testing.assert_close(e, 0.9 * b0 + 0.1 * p)
+        for b0, e, b in zip(buf_before, ema.module.buffers(), net.buffers()):
+            expected = 0.9 * b0 + 0.1 * b if (mode == "average" and b.is_floating_point()) else b
+            torch.testing.assert_close(e, expected)
+        assert not any(p.requires_grad for p in ema.module.parameters())
+        ema.train()
+        assert not ema.module.training
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    net = WideResNet()
+    decay, no_decay = param_groups(net, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0
+    ids = {id(p) for p in no_decay["params"]}
+    for module in net.modules():
+        for name, p in module.named_parameters(recurse=False):
+            is_norm_or_bias = isinstance(module, nn.BatchNorm2d) or name == "bias"
+            assert (id(p) in ids) == is_norm_or_bias
+    assert sum(p.numel() for p in net.parameters()) == 1_467_626  # USB's wrn_28_2
+
+
+def test_fixmatch_cosine_schedule():
+    total = 1000
+    for k in (0, 250, 999):  # lr = lr0 * cos(7 pi k / 16 K)
+        assert math.isclose(warmup_cosine(k, total, 0, 7 / 16), math.cos(7 * math.pi * k / (16 * total)))
+    assert warmup_cosine(4, total, 10, 0.5) == 0.5  # linear warm-up
+    assert warmup_cosine(total, total, 0, 0.5) < 1e-12
+
+
+def test_wandb_offline_run_holds_the_logged_metrics(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ZooCLI(args=["fit", "--config", str(ROOT / "experiments" / "fixmatch_digits.yaml"), "--run.name=wb",
+                 "--trainer.max_steps=4", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=2",
+                 "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1",
+                 "--data.init_args.steps_per_epoch=4", "--data.init_args.batch_size=8",
+                 "--data.init_args.uratio=2", "--data.init_args.num_workers=0", "--trainer.enable_progress_bar=false"])
+    runs = list(Path("runs/wb/wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    keys = (b"train/loss", b"train/mask_ratio", b"val/acc", b"val/ema_acc", b"val/samples", b"git_commit",
+            b"threshold")
+    for _ in range(60):  # W&B's writer process may still be flushing the run file
+        records = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+        if all(key in records for key in keys):
+            break
+        time.sleep(0.5)
+    for key in keys:
+        assert key in records, key
