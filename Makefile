@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXP ?= fixmatch_digits
 ARGS ?=
 STEPS ?= 100
-SEEDS ?= 0 1 2
+SEEDS ?= 0,1,2
 
 .PHONY: help venv train smoke test bench compare-digits clean
 

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +26,10 @@ from .callbacks import NonFiniteLossGuard, PredictionSamples, SpeedMonitor
 from .module import ZooModule
 
 __all__ = ["ZooCLI", "main", "wandb_mode"]
+
+# The EMA copy is frozen in eval mode on purpose; and a Lightning-internal deprecation that users cannot act on.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def wandb_mode() -> str:
@@ -145,6 +150,16 @@ class ZooCLI(LightningCLI):
                              config={"git_commit": git_commit()})
         self._logger = logger
         return logger
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            # close the W&B run as failed, so the run shows its state and this process holds no stale run
+            logger = getattr(self, "_logger", None)
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger._experiment.finish(exit_code=1)
+            raise
 
     def before_fit(self) -> None:
         cfg, run, name, run_dir = self._run_settings()

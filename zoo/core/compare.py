@@ -1,4 +1,4 @@
-"""``python -m zoo.core.compare --out card.md --seeds 0 1 2 name=experiments/A.yaml name2=experiments/B.yaml``
+"""``python -m zoo.core.compare --out card.md --seeds 0,1,2 name=experiments/A.yaml name2=experiments/B.yaml``
 
 Trains every experiment with every seed under one protocol (the seed sets the labeled split, the sampler and the
 initialisation, identically for all methods, so every method sees the same labeled images), then writes a
@@ -105,7 +105,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiments", nargs="+", help="name=experiments/X.yaml")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")], default=[0, 1, 2],
+                        help="comma-separated, e.g. 0,1,2")
     parser.add_argument("--root", default="runs/compare")
     args, extra = parser.parse_known_args(argv)
     experiments = dict(e.split("=", 1) for e in args.experiments)
