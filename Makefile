@@ -6,9 +6,11 @@ PY := $(VENV)/bin/python
 EXP ?= fixmatch_digits
 ARGS ?=
 STEPS ?= 100
+WORKERS ?= 1
+BATCHES ?= 30
 SEEDS ?= 0,1,2
 
-.PHONY: help venv train smoke test bench compare-digits clean
+.PHONY: help venv train smoke test bench bench-data compare-digits clean
 
 help: ## list the commands and every experiment
 	@echo "Commands:"
@@ -33,6 +35,9 @@ smoke: venv ## a few steps of an experiment with tiny sizes, in a throw-away run
 
 bench: venv ## training throughput (samples/s) and data-wait share: make bench EXP=<name> STEPS=100
 	$(PY) -m zoo.core.bench experiments/$(EXP).yaml --steps $(STEPS) $(ARGS)
+
+bench-data: venv ## the input pipeline alone: samples/s per worker core per stream: make bench-data EXP=<name> WORKERS=1
+	$(PY) -m zoo.core.bench_data experiments/$(EXP).yaml --workers $(WORKERS) --batches $(BATCHES) $(ARGS)
 
 test: venv ## the whole test suite (offline, CPU)
 	$(PY) -m pytest tests $(ARGS)

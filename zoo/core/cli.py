@@ -130,9 +130,11 @@ class ZooCLI(LightningCLI):
             # last.ckpt: every N steps, at the end, and when the run is interrupted (Ctrl-C, an exception)
             ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, save_on_exception=True,
                             every_n_train_steps=run["checkpoint_every_n_steps"], enable_version_counter=False),
-            NonFiniteLossGuard(), SpeedMonitor(), PredictionSamples(), LearningRateMonitor("step"),
+            NonFiniteLossGuard(), SpeedMonitor(), PredictionSamples(),
         ]
         logger = self._make_logger(cfg, run, name, run_dir)
+        if logger is not False:
+            callbacks.append(LearningRateMonitor("step"))
         return super().instantiate_trainer(callbacks=callbacks, logger=logger, default_root_dir=str(run_dir),
                                            **kwargs)
 
