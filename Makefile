@@ -9,8 +9,10 @@ STEPS ?= 100
 WORKERS ?= 1
 BATCHES ?= 30
 SEEDS ?= 0,1,2
+RUN ?= ict_mnist
+SAMPLE_STEPS ?= 1
 
-.PHONY: help venv train smoke test bench bench-data compare-digits clean
+.PHONY: help venv train smoke test bench bench-data compare compare-digits sample clean
 
 help: ## list the commands and every experiment
 	@echo "Commands:"
@@ -45,6 +47,16 @@ test: venv ## the whole test suite (offline, CPU)
 compare-digits: venv ## FixMatch vs supervised on digits over SEEDS; writes zoo/fixmatch/results_digits.md
 	$(PY) -m zoo.core.compare --out zoo/fixmatch/results_digits.md --seeds $(SEEDS) \
 		fixmatch=experiments/fixmatch_digits.yaml supervised=experiments/supervised_digits.yaml
+
+compare: venv ## FixMatch, UDA, ShrinkMatch, SimMatchV2 and supervised on the CIFAR-10 subset (250 labels) over SEEDS
+	$(PY) -m zoo.core.compare --out docs/results/ssl_cifar10_subset.md --seeds $(SEEDS) \
+		supervised=experiments/supervised_cifar10_subset.yaml fixmatch=experiments/fixmatch_cifar10_subset.yaml \
+		uda=experiments/uda_cifar10_subset.yaml shrinkmatch=experiments/shrinkmatch_cifar10_subset.yaml \
+		simmatchv2=experiments/simmatchv2_cifar10_subset.yaml $(ARGS)
+
+sample: venv ## a PNG grid from a trained consistency model: make sample RUN=ict_mnist SAMPLE_STEPS=1|2
+	$(PY) -m zoo.ict.sample --checkpoint runs/$(RUN)/checkpoints/last.ckpt \
+		--out runs/$(RUN)/samples_$(SAMPLE_STEPS)step.png --steps $(SAMPLE_STEPS)
 
 clean: ## remove run directories (checkpoints, offline W&B runs)
 	rm -rf runs

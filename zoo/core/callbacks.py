@@ -91,7 +91,11 @@ class PredictionSamples(Callback):
         hi = images.amax(dim=(1, 2, 3), keepdim=True)
         images = ((images - lo) / (hi - lo + 1e-8)).cpu()
         classes = getattr(getattr(trainer.datamodule, "data", None), "classes", None)
-        name = (lambda i: classes[i]) if classes else str
+        classes = classes or ()
+
+        def name(i: int) -> str:  # a head wider than the dataset's class list can predict an unnamed index
+            return classes[i] if i < len(classes) else str(i)
+
         captions = [f"pred {name(int(p))} / true {name(int(t))}"
                     for p, t in zip(outputs["preds"][: self.num_images], batch["label"][: self.num_images])]
         for lg in loggers:

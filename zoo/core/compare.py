@@ -2,8 +2,9 @@
 
 Trains every experiment with every seed under one protocol (the seed sets the labeled split, the sampler and the
 initialisation, identically for all methods, so every method sees the same labeled images), then writes a
-Markdown table (mean ± std of the final test accuracy of the EMA model and of the raw network) and a PNG of the
-learning curves. Each run lives in ``runs/compare/<name>_s<seed>``: rerunning the command resumes unfinished runs
+Markdown table (mean ± std of the final value of ``--metric``, by default the EMA model's test accuracy, and of
+``--secondary``, by default the raw network's) and a PNG of the learning curves of ``--metric``. Other tasks name
+their own metrics, e.g. ``--metric val/miou --secondary val/ema_miou`` or ``--metric val/mAP --secondary val/mAP50``. Each run lives in ``runs/compare/<name>_s<seed>``: rerunning the command resumes unfinished runs
 and only re-evaluates finished ones.
 """
 from __future__ import annotations
@@ -32,14 +33,16 @@ class RecordValidation(Callback):
         self.history.append({"step": trainer.global_step, **metrics})
 
 
-def run_one(config: str, seed: int, name: str, root: str, extra: list[str]) -> dict:
-    from .cli import ZooCLI
+def run_one(config: str, seed: int, name: str, root: str, extra: list[str],
+            seeded_data_args: tuple[str, ...] = ("split_seed", "sampler_seed")) -> dict:
+    from zoo.core.cli import ZooCLI
+    from zoo.core.compare import RecordValidation as Recorder  # the class the CLI built, also under ``python -m``
 
     start = time.perf_counter()
-    cli = ZooCLI(args=["fit", "--config", config, f"--seed_everything={seed}", f"--data.init_args.split_seed={seed}",
-                       f"--data.init_args.sampler_seed={seed}", f"--run.name={name}_s{seed}", f"--run.root={root}",
-                       "--trainer.enable_progress_bar=false", *extra])
-    recorder = next(cb for cb in cli.trainer.callbacks if isinstance(cb, RecordValidation))
+    seeds = [f"--data.init_args.{arg}={seed}" for arg in seeded_data_args]
+    cli = ZooCLI(args=["fit", "--config", config, f"--seed_everything={seed}", *seeds, f"--run.name={name}_s{seed}",
+                       f"--run.root={root}", "--trainer.enable_progress_bar=false", *extra])
+    recorder = next(cb for cb in cli.trainer.callbacks if isinstance(cb, Recorder))
     final = recorder.history[-1] if recorder.history else {}
     return {"name": name, "seed": seed, "final": final, "history": recorder.history[:-1] or recorder.history,
             "seconds": time.perf_counter() - start}
@@ -53,18 +56,20 @@ def summarise(results: list[dict], metric: str) -> dict[str, tuple[float, float,
     return table
 
 
-def write_card(results: list[dict], out: Path, seeds: list[int], experiments: dict[str, str]) -> None:
-    ema = summarise(results, "val/ema_acc")
-    raw = summarise(results, "val/acc")
-    minutes = {n: np.mean([r["seconds"] for r in results if r["name"] == n]) / 60 for n in ema}
-    lines = [f"| method | EMA test accuracy (mean ± std) | network test accuracy | seeds | minutes/run |",
-             "|---|---|---|---|---|"]
-    for name, (mean, std, n) in sorted(ema.items(), key=lambda kv: -kv[1][0]):
-        r_mean, r_std, _ = raw.get(name, (float("nan"), float("nan"), 0))
-        lines.append(f"| {name} | {100 * mean:.2f} ± {100 * std:.2f} | {100 * r_mean:.2f} ± {100 * r_std:.2f} | "
+def write_card(results: list[dict], out: Path, seeds: list[int], experiments: dict[str, str],
+               metric: str = "val/ema_acc", secondary: str = "val/acc", scale: float = 100.0,
+               lower_is_better: bool = False) -> None:
+    main = summarise(results, metric)
+    other = summarise(results, secondary)
+    minutes = {n: np.mean([r["seconds"] for r in results if r["name"] == n]) / 60 for n in main}
+    unit = " (%)" if scale == 100 else ""
+    lines = [f"| method | {metric}{unit}, mean ± std | {secondary}{unit} | seeds | minutes/run |", "|---|---|---|---|---|"]
+    for name, (mean, std, n) in sorted(main.items(), key=lambda kv: kv[1][0] if lower_is_better else -kv[1][0]):
+        o_mean, o_std, _ = other.get(name, (float("nan"), float("nan"), 0))
+        lines.append(f"| {name} | {scale * mean:.2f} ± {scale * std:.2f} | {scale * o_mean:.2f} ± {scale * o_std:.2f} | "
                      f"{n} | {minutes[name]:.1f} |")
     plot = out.with_suffix(".png")
-    _plot(results, plot)
+    _plot(results, plot, metric, scale)
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     body = "\n".join(lines)
     commands = "\n".join(f"- `{n}`: `experiments/{Path(c).name}`" for n, c in experiments.items())
@@ -75,7 +80,7 @@ def write_card(results: list[dict], out: Path, seeds: list[int], experiments: di
     print(body)
 
 
-def _plot(results: list[dict], path: Path) -> None:
+def _plot(results: list[dict], path: Path, metric: str, scale: float = 100.0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,13 +92,13 @@ def _plot(results: list[dict], path: Path) -> None:
         if not runs:
             continue
         steps = [h["step"] for h in runs[0]]
-        curves = np.array([[h.get("val/ema_acc", np.nan) for h in run[: len(steps)]] for run in runs])
+        curves = np.array([[h.get(metric, np.nan) for h in run[: len(steps)]] for run in runs])
         mean = np.nanmean(curves, 0)
-        ax.plot(steps, 100 * mean, label=name, color=f"C{i}")
+        ax.plot(steps, scale * mean, label=name, color=f"C{i}")
         if len(runs) > 1:
-            ax.fill_between(steps, 100 * np.nanmin(curves, 0), 100 * np.nanmax(curves, 0), color=f"C{i}", alpha=0.2)
+            ax.fill_between(steps, scale * np.nanmin(curves, 0), scale * np.nanmax(curves, 0), color=f"C{i}", alpha=0.2)
     ax.set_xlabel("training step")
-    ax.set_ylabel("EMA test accuracy (%)")
+    ax.set_ylabel(f"{metric} (%)" if scale == 100 else metric)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -108,13 +113,22 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")], default=[0, 1, 2],
                         help="comma-separated, e.g. 0,1,2")
     parser.add_argument("--root", default="runs/compare")
+    parser.add_argument("--seeded-data-args", default="split_seed,sampler_seed",
+                        help="data-module arguments set to the seed (comma-separated; e.g. sampler_seed when the "
+                             "split is fixed)")
+    parser.add_argument("--metric", default="val/ema_acc", help="the metric the table ranks by and the plot shows")
+    parser.add_argument("--secondary", default="val/acc", help="a second metric reported beside it")
+    parser.add_argument("--scale", type=float, default=100.0, help="multiplies the metric in the table (100: percent)")
+    parser.add_argument("--lower-is-better", action="store_true", help="rank ascending (distances such as FD)")
     args, extra = parser.parse_known_args(argv)
     experiments = dict(e.split("=", 1) for e in args.experiments)
     extra = ["--trainer.callbacks+=zoo.core.compare.RecordValidation", *extra]
-    results = [run_one(config, seed, name, args.root, extra)
+    seeded = tuple(a for a in args.seeded_data_args.split(",") if a)
+    results = [run_one(config, seed, name, args.root, extra, seeded)
                for seed in args.seeds for name, config in experiments.items()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_card(results, args.out, args.seeds, experiments)
+    write_card(results, args.out, args.seeds, experiments, args.metric, args.secondary, args.scale,
+               args.lower_is_better)
 
 
 if __name__ == "__main__":
