@@ -1,0 +1,1 @@
+"""Consistent-Teacher (Wang et al., CVPR 2023): semi-supervised object detection."""
