@@ -18,6 +18,9 @@ STAND_INS = {"cifar10": "cifar10_subset", "cifar100": "cifar10_subset"}
 # Paper settings whose data or pretrained weights only exist for users with internet (GTA5, Cityscapes, VisDA,
 # COCO 2017) or whose network takes minutes per CPU step: the sweep runs the same module and code path on an
 # offline pair of datasets and a smaller network. Only the sweep uses these; the YAML files stay the paper's.
+W2S_STAND_IN = ["--model.init_args.network.init_args.backbone=tiny-bert", "--data.init_args.tokenizer=minilm",
+                "--data.init_args.max_length=64", "--trainer.precision=32-true"]
+RC_SMALL = ["--data.init_args.n_test=32", "--data.init_args.n_train=64", "--data.init_args.contrast_min_similarity=0.3"]
 PAPER_SETTING_STAND_INS = {
     "mic_gta_cityscapes": ["--data.init_args.source=camvid_day", "--data.init_args.target=camvid_dusk",
                            "--model.init_args.network.init_args.pretrained=",
@@ -35,6 +38,36 @@ PAPER_SETTING_STAND_INS = {
                                   "--data.init_args.max_long_side=192", "--data.init_args.test_short_side=128",
                                   "--data.init_args.test_max_long_side=192"],
     "shrinkmatch_cifar100": ["--model.init_args.network.init_args.widen=2"],
+    # language models: the CPU settings start from the zoo's own pre-trained checkpoints (made by other experiment
+    # files, not present in a clean clone): the sweep starts them from random init; the paper settings name hub
+    # models, which become the tiny byte-level model.
+    "lm_sft_arithmetic": ["--model.init_args.network.init_args.checkpoint="],
+    "raft_shakespeare_vader": ["--model.init_args.network.init_args.checkpoint="],
+    "cream_arithmetic": ["--model.init_args.network.init_args.checkpoint=",
+                         "--model.init_args.reference.init_args.checkpoint="],
+    "cream_arithmetic_srlm": ["--model.init_args.network.init_args.checkpoint=",
+                              "--model.init_args.reference.init_args.checkpoint="],
+    "raft_imdb": ["--model.init_args.network.init_args.pretrained=", "--model.init_args.reward=zoo.raft.rewards.VaderReward",
+                  "--data.init_args.prompts=tiny_shakespeare", "--data.init_args.prompts_per_round=16",
+                  "--data.init_args.prompt_chars=24", "--trainer.precision=32-true"],
+    # reward models and weak-to-strong: hub backbones become a random-init BERT on MiniLM's vocabulary, and the
+    # reward-consistency sets shrink (building them embeds every text with MiniLM)
+    "weak_to_strong_hh_gpt2": W2S_STAND_IN,
+    "weak_to_strong_hh_gpt2_medium": W2S_STAND_IN,
+    "reward_consistency_hh_rlhf": RC_SMALL,
+    "reward_consistency_hh_rlhf_convex_da": RC_SMALL + ["--data.init_args.augment_pairs=8"],
+    "reward_consistency_twitter_llama7b": RC_SMALL + [
+        "--data.init_args.task=hh_rlhf", "--data.init_args.tokenizer=minilm", "--data.init_args.max_length=64",
+        "--model.init_args.network.init_args.backbone=tiny-bert", "--model.init_args.network.init_args.lora_rank=0",
+        "--trainer.precision=32-true"],
+    "cream_llama3_gsm8k": ["--model.init_args.network.init_args.pretrained=",
+                           "--model.init_args.network.init_args.lora_rank=0",
+                           "--model.init_args.network.init_args.dtype=float32",
+                           "--model.init_args.reference.init_args.pretrained=",
+                           "--model.init_args.reference.init_args.dtype=float32",
+                           "--model.init_args.max_new_tokens=8", "--model.init_args.eval_max_new_tokens=8",
+                           "--data.init_args.prompts=two_digit_arithmetic", "--data.init_args.prompts_per_round=16",
+                           "--trainer.precision=32-true"],
 }
 
 

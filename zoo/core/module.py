@@ -26,12 +26,14 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights with decay; biases and normalisation parameters without."""
-    decay, no_decay = [], []
+    """Two groups: weights with decay; biases and normalisation parameters without. A parameter shared by two
+    modules (tied input/output embeddings of a language model) is listed once."""
+    decay, no_decay, seen = [], [], set()
     for mod in module.modules():
         for name, p in mod.named_parameters(recurse=False):
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in seen:
                 continue
+            seen.add(id(p))
             (no_decay if isinstance(mod, _NORM_TYPES) or name.endswith("bias") or p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
