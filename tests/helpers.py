@@ -90,32 +90,45 @@ def build(config_path, run_root, *extra, smoke=True) -> ZooCLI:
 
 
 class StepChecker(Callback):
-    """Checks, on every training step: finite loss, a finite non-zero gradient for every trainable parameter, and
-    that the EMA moved by exactly ``ema <- ema + (1 - decay) (online - ema)``.
+    """Checks, on every training step: finite loss, a finite gradient for every trainable parameter (non-zero on at
+    least one step: a zero-initialised head stops the backbone's gradient on the first step only), and that the EMA
+    moved by exactly ``ema <- ema + (1 - decay) (online - ema)``.
 
-    A module may name ``gated_parameters`` (name prefixes) whose loss is legitimately weighted by zero early in
-    training (e.g. ShrinkMatch's auxiliary head before any sample is confident): only their finiteness is checked
-    here, and the paper's own tests show that they do train once the gate opens."""
+    A module may name ``zero_grad_parameters`` (name prefixes) whose gradient can legitimately be exactly zero: a
+    loss gated off early in training (ShrinkMatch's auxiliary head before any sample is confident; the paper's
+    tests show it trains once the gate opens) or an invariance of the loss (a pairwise reward loss cannot see a
+    shift shared by both rewards). Only their finiteness is checked here."""
 
     def __init__(self):
         self.steps = 0
-        self.missing_grads: set[str] = set()
+        self.bad_grads: set[str] = set()
+        self.moved: set[str] = set()
+        self.trainable: set[str] = set()
+        self.module = None
         self.ema_errors: list[float] = []
         self.losses: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.module = pl_module
         self._ema_before = ([p.detach().clone() for p in pl_module.ema.module.parameters()]
                             if pl_module.ema is not None else None)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        gated = tuple(getattr(pl_module, "gated_parameters", ()))
         for name, p in pl_module.named_parameters():
             if not p.requires_grad:
                 continue
             if p.grad is None or not torch.isfinite(p.grad).all():
-                self.missing_grads.add(name)
-            elif not p.grad.abs().sum() and not name.startswith(gated):
-                self.missing_grads.add(name)
+                self.bad_grads.add(name)
+            elif p.grad.abs().sum():
+                self.moved.add(name)
+            self.trainable.add(name)
+
+    @property
+    def missing_grads(self) -> set[str]:
+        """Trainable parameters with a missing or non-finite gradient on some step, or a zero one on every step."""
+        allowed = tuple(getattr(self.module, "zero_grad_parameters", ()))
+        never_moved = {n for n in self.trainable - self.moved if not n.startswith(allowed)}
+        return self.bad_grads | never_moved
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

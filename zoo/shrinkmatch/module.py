@@ -132,7 +132,7 @@ class ShrinkMatch(FixMatch):
     # Parameters whose gradient is exactly zero until the method's gate opens: the aux head learns only once some
     # samples are certain (certain-ratio EMA > 0) and some uncertain ones reach tau in a shrunk space, which does
     # not happen at initialisation (the official code needs DDP's find_unused_parameters for the same reason).
-    gated_parameters = ("aux_head.",)
+    zero_grad_parameters = ("aux_head.",)
 
     def __init__(self, network: nn.Module, threshold: float = 0.95, lambda_u: float = 1.0,
                  distribution_alignment: bool = True, da_queue_length: int = 32, soft_targets: bool = True,

@@ -1,0 +1,53 @@
+"""Offline real text sets (``ZOO_DATA_DIR`` or ``../shared/data``) and a padding collator for tokenized text.
+
+- ``hh_rlhf``: Anthropic HH-RLHF harmless-base test split, 2,312 human preference pairs (chosen, rejected dialogues
+  that share everything up to the last ``"\\n\\nAssistant:"``).
+- ``ag_news``: AG News official test split, 7,600 articles, 4 topics (World, Sports, Business, Sci/Tech).
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+
+import torch
+
+from zoo.core.datasets import _require
+
+__all__ = ["load_hh_rlhf", "split_dialogue", "load_ag_news", "pad_token_ids"]
+
+ASSISTANT = "\n\nAssistant:"
+
+
+def load_hh_rlhf() -> list[dict]:
+    """``[{"chosen": str, "rejected": str}, ...]`` (2,312 pairs)."""
+    path = _require("hh_rlhf/harmless-base-test.jsonl.gz",
+                    "HH-RLHF harmless-base test: anthropics/hh-rlhf harmless-base/test.jsonl.gz (MIT).")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def split_dialogue(dialogue: str) -> tuple[str, str]:
+    """(prompt up to and including the last ``"\\n\\nAssistant:"``, the final assistant response)."""
+    prompt, _, response = dialogue.rpartition(ASSISTANT)
+    return prompt + ASSISTANT, response
+
+
+def load_ag_news() -> tuple[list[str], list[int]]:
+    """Texts ``title. description`` and labels 0..3 (World, Sports, Business, Sci/Tech), 1,900 per class."""
+    path = _require("ag_news/test.csv.gz",
+                    "AG News official test split (Zhang et al. 2015), csv with label,title,description.")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [r["title"] + ". " + r["description"] for r in rows], [int(r["label"]) - 1 for r in rows]
+
+
+def pad_token_ids(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads token id lists to the longest one: ``(input_ids, attention_mask)``."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids, mask
