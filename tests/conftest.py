@@ -3,6 +3,7 @@ turns it on, no hub access."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,11 @@ EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
 
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
-    """Every test runs in its own directory so run directories never collide."""
+    """Every test runs in its own directory so run directories never collide, and leaves no W&B run open: a run
+    built without the CLI's subcommand (``run=False``) is never finished, and Lightning's W&B logger would reuse
+    it in the next test instead of starting one in that test's run directory."""
     monkeypatch.chdir(tmp_path)
     yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
