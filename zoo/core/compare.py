@@ -21,16 +21,27 @@ from lightning.pytorch import Callback
 
 
 class RecordValidation(Callback):
-    """Keeps (step, metrics) of every validation on rank 0."""
+    """Keeps (step, metrics) of every validation on rank 0, also in ``<run dir>/validation_history.json``, so a run
+    that is interrupted and resumed (or only re-evaluated) keeps the learning curve of its earlier part."""
 
     def __init__(self):
         self.history: list[dict] = []
+
+    def _file(self, trainer) -> Path:
+        return Path(trainer.default_root_dir) / "validation_history.json"
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.is_global_zero and self._file(trainer).exists():
+            self.history = json.loads(self._file(trainer).read_text())
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        # a resumed run validates again at the step it stopped at: the newer record replaces the older one
+        self.history = [h for h in self.history if h["step"] != trainer.global_step]
         self.history.append({"step": trainer.global_step, **metrics})
+        self._file(trainer).write_text(json.dumps(self.history))
 
 
 def run_one(config: str, seed: int, name: str, root: str, extra: list[str],
@@ -44,7 +55,7 @@ def run_one(config: str, seed: int, name: str, root: str, extra: list[str],
                        f"--run.root={root}", "--trainer.enable_progress_bar=false", *extra])
     recorder = next(cb for cb in cli.trainer.callbacks if isinstance(cb, Recorder))
     final = recorder.history[-1] if recorder.history else {}
-    return {"name": name, "seed": seed, "final": final, "history": recorder.history[:-1] or recorder.history,
+    return {"name": name, "seed": seed, "final": final, "history": recorder.history,
             "seconds": time.perf_counter() - start}
 
 
