@@ -102,6 +102,7 @@ def _plot(results: list[dict], path: Path, metric: str, scale: float = 100.0) ->
         runs = [r["history"] for r in results if r["name"] == name and r["history"]]
         if not runs:
             continue
+        runs = [h for h in runs if len(h) == max(map(len, runs))]  # a run whose early curve was lost stays out
         steps = [h["step"] for h in runs[0]]
         curves = np.array([[h.get(metric, np.nan) for h in run[: len(steps)]] for run in runs])
         mean = np.nanmean(curves, 0)
