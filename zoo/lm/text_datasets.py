@@ -10,11 +10,9 @@ import csv
 import gzip
 import json
 
-import torch
-
 from zoo.core.datasets import _require
 
-__all__ = ["load_hh_rlhf", "split_dialogue", "load_ag_news", "pad_token_ids"]
+__all__ = ["load_hh_rlhf", "split_dialogue", "load_ag_news"]
 
 ASSISTANT = "\n\nAssistant:"
 
@@ -40,14 +38,3 @@ def load_ag_news() -> tuple[list[str], list[int]]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return [r["title"] + ". " + r["description"] for r in rows], [int(r["label"]) - 1 for r in rows]
-
-
-def pad_token_ids(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pads token id lists to the longest one: ``(input_ids, attention_mask)``."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, :len(seq)] = 1
-    return ids, mask

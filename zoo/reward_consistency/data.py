@@ -27,7 +27,8 @@ from zoo.core.data import FixedLengthSampler
 from zoo.core.datasets import _require
 from zoo.lm.embeddings import CosineIndex, SentenceEmbedder
 from zoo.lm.heads import load_tokenizer
-from zoo.lm.text_datasets import load_hh_rlhf, pad_token_ids, split_dialogue
+from zoo.lm.text_datasets import load_hh_rlhf, split_dialogue
+from zoo.lm.tiny import pad_right
 
 from .augment import convex_hull_selection, spelling_noise
 
@@ -225,7 +226,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.eval_set = _Texts(self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"])
 
     def _collate_texts(self, sequences):
-        input_ids, attention_mask = pad_token_ids(sequences, self.tokenizer.pad_token_id)
+        input_ids, attention_mask = pad_right(sequences, self.tokenizer.pad_token_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def collate_pairs(self, items: list[dict]) -> dict:

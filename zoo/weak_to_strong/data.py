@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from zoo.core.data import FixedLengthSampler
 from zoo.lm.heads import load_tokenizer
-from zoo.lm.text_datasets import load_ag_news, load_hh_rlhf, pad_token_ids
+from zoo.lm.text_datasets import load_ag_news, load_hh_rlhf
+from zoo.lm.tiny import pad_right
 
 __all__ = ["WeakToStrongDataModule", "load_binary_task"]
 
@@ -108,7 +109,7 @@ class WeakToStrongDataModule(L.LightningDataModule):
             self.train_set = TokenizedSet(ids[half2], labels[half2], soft.float().numpy())
 
     def collate(self, items: list[dict]) -> dict:
-        input_ids, attention_mask = pad_token_ids([it["input_ids"] for it in items], self.tokenizer.pad_token_id)
+        input_ids, attention_mask = pad_right([it["input_ids"] for it in items], self.tokenizer.pad_token_id)
         return {"idx": torch.tensor([it["idx"] for it in items]), "input_ids": input_ids,
                 "attention_mask": attention_mask, "label": torch.tensor([it["label"] for it in items]),
                 "soft_label": torch.tensor(np.stack([it["soft_label"] for it in items]))}
