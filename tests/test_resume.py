@@ -49,3 +49,12 @@ def test_interrupted_run_resumes_exactly(interrupt_at, monkeypatch):
     # one W&B run across the interruption
     run_dirs = list((Path("runs") / "resumed" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) >= 2 and len({d.name.rsplit("-", 1)[-1] for d in run_dirs}) == 1
+
+
+def test_finished_run_keeps_its_final_state_and_a_rerun_does_not_train_again():
+    # 7 steps, checkpoints every 5: Lightning alone would leave last.ckpt at step 5
+    ZooCLI(args=command("finished", "--run.checkpoint_every_n_steps=5"))
+    first = final_state("finished")
+    assert first["global_step"] == N
+    ZooCLI(args=command("finished", "--run.checkpoint_every_n_steps=5"))  # rerun: nothing left to train
+    assert_same_state(first, final_state("finished"))

@@ -1,13 +1,26 @@
-"""Callbacks every experiment gets from the CLI: non-finite loss guard, throughput, prediction samples."""
+"""Callbacks every experiment gets from the CLI: last checkpoint, non-finite loss guard, throughput, prediction
+samples."""
 from __future__ import annotations
 
 import time
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "SpeedMonitor", "PredictionSamples", "count_samples"]
+__all__ = ["LastCheckpoint", "NonFiniteLossError", "NonFiniteLossGuard", "SpeedMonitor", "PredictionSamples", "count_samples"]
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` also at the end of training. Lightning skips its end-of-training save once any ``last``
+    checkpoint was written, so a run of 1200 steps checkpointed every 500 would end with ``last.ckpt`` at step 1000,
+    and rerunning the finished command would train steps 1000-1200 again instead of only re-evaluating."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self.dirpath is not None:
+            trainer.save_checkpoint(f"{self.dirpath}/{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
 
 
 class NonFiniteLossError(RuntimeError):

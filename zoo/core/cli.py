@@ -18,11 +18,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from .callbacks import NonFiniteLossGuard, PredictionSamples, SpeedMonitor
+from .callbacks import LastCheckpoint, NonFiniteLossGuard, PredictionSamples, SpeedMonitor
 from .module import ZooModule
 
 __all__ = ["ZooCLI", "main", "wandb_mode"]
@@ -128,7 +128,7 @@ class ZooCLI(LightningCLI):
         callbacks = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
         callbacks += [
             # last.ckpt: every N steps, at the end, and when the run is interrupted (Ctrl-C, an exception)
-            ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, save_on_exception=True,
+            LastCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, save_on_exception=True,
                             every_n_train_steps=run["checkpoint_every_n_steps"], enable_version_counter=False),
             NonFiniteLossGuard(), SpeedMonitor(), PredictionSamples(),
         ]
