@@ -28,6 +28,7 @@ backward calls (same gradients).
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 import copy
 import random
 from typing import Literal, Sequence
@@ -198,14 +199,15 @@ class DAFormerHead(nn.Module):
         return self.classifier(self.dropout(x))
 
 
-class _SegmentationNetwork(nn.Module):
+class _SegmentationNetwork(nn.Module, ABC):
     """Encoder (4 levels at strides 4-32) + DAFormer head; ``forward`` returns logits at the input resolution."""
 
     encoder: nn.Module
     head: DAFormerHead
 
+    @abstractmethod
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """The encoder's 4 feature maps, finest first."""
 
     def decode(self, features: Sequence[torch.Tensor], size) -> torch.Tensor:
         return F.interpolate(self.head(features), size=size, mode="bilinear", align_corners=False)

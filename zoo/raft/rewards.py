@@ -7,16 +7,19 @@
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 __all__ = ["Reward", "VaderReward", "ClassifierReward"]
 
 
-class Reward:
+class Reward(ABC):
     """The interface: a frozen scorer of whole texts (prompt followed by response)."""
 
+    @abstractmethod
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
+        """One reward per text."""
 
 
 class VaderReward(Reward):
