@@ -11,6 +11,9 @@ BATCHES ?= 30
 SEEDS ?= 0,1,2
 RUN ?= ict_mnist
 SAMPLE_STEPS ?= 1
+OFFLINE ?=
+# OFFLINE=1 adds the experiment's offline stand-in (experiments/offline/<EXP>.yaml) as a second config
+OVERLAY = $(if $(OFFLINE),--config experiments/offline/$(EXP).yaml)
 
 .PHONY: help venv train smoke test bench bench-data compare compare-digits sample clean
 
@@ -29,27 +32,27 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## build the environment (.venv)
 
-train: venv ## run an experiment: make train EXP=<name> ARGS="--key=value ..." (reruns resume)
-	$(PY) -m zoo fit --config experiments/$(EXP).yaml $(ARGS)
+train: venv ## run an experiment: make train EXP=<name> ARGS="--key=value ..." [OFFLINE=1] (reruns resume)
+	$(PY) -m zoo fit --config experiments/$(EXP).yaml $(OVERLAY) $(ARGS)
 
 smoke: venv ## a few steps of an experiment with tiny sizes, in a throw-away run directory
-	$(PY) -m zoo.core.smoke experiments/$(EXP).yaml $(ARGS)
+	$(PY) -m zoo.tools.smoke experiments/$(EXP).yaml $(OVERLAY) $(ARGS)
 
 bench: venv ## training throughput (samples/s) and data-wait share: make bench EXP=<name> STEPS=100
-	$(PY) -m zoo.core.bench experiments/$(EXP).yaml --steps $(STEPS) $(ARGS)
+	$(PY) -m zoo.tools.bench experiments/$(EXP).yaml --steps $(STEPS) $(OVERLAY) $(ARGS)
 
 bench-data: venv ## the input pipeline alone: samples/s per worker core per stream: make bench-data EXP=<name> WORKERS=1
-	$(PY) -m zoo.core.bench_data experiments/$(EXP).yaml --workers $(WORKERS) --batches $(BATCHES) $(ARGS)
+	$(PY) -m zoo.tools.bench_data experiments/$(EXP).yaml --workers $(WORKERS) --batches $(BATCHES) $(ARGS)
 
 test: venv ## the whole test suite (offline, CPU)
 	$(PY) -m pytest tests $(ARGS)
 
 compare-digits: venv ## FixMatch vs supervised on digits over SEEDS; writes zoo/fixmatch/results_digits.md
-	$(PY) -m zoo.core.compare --out zoo/fixmatch/results_digits.md --seeds $(SEEDS) \
+	$(PY) -m zoo.tools.compare --out zoo/fixmatch/results_digits.md --seeds $(SEEDS) \
 		fixmatch=experiments/fixmatch_digits.yaml supervised=experiments/supervised_digits.yaml
 
 compare: venv ## FixMatch, UDA, ShrinkMatch, SimMatchV2 and supervised on the CIFAR-10 subset (250 labels) over SEEDS
-	$(PY) -m zoo.core.compare --out docs/results/ssl_cifar10_subset.md --seeds $(SEEDS) \
+	$(PY) -m zoo.tools.compare --out docs/results/ssl_cifar10_subset.md --seeds $(SEEDS) \
 		supervised=experiments/supervised_cifar10_subset.yaml fixmatch=experiments/fixmatch_cifar10_subset.yaml \
 		uda=experiments/uda_cifar10_subset.yaml shrinkmatch=experiments/shrinkmatch_cifar10_subset.yaml \
 		simmatchv2=experiments/simmatchv2_cifar10_subset.yaml $(ARGS)

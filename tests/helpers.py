@@ -1,4 +1,4 @@
-"""Shared test utilities: build an experiment through the real CLI, with the offline stand-in for full datasets."""
+"""Shared test utilities: build an experiment through the real CLI, with its offline overlay where it has one."""
 from __future__ import annotations
 
 import copy
@@ -9,95 +9,80 @@ import yaml
 from lightning.pytorch import Callback
 
 from zoo.core.cli import ZooCLI
-from zoo.core.datasets import MissingDatasetError, load_image_set
-from zoo.core.smoke import smoke_args
+from zoo.core.teacher import EMATeacher, StopGradTeacher
+from zoo.tools.smoke import smoke_args
 
-# Full-size datasets that are not on this machine are replaced by their offline stand-in *here*, never in the library.
-STAND_INS = {"cifar10": "cifar10_subset", "cifar100": "cifar10_subset"}
-
-# Paper settings whose data or pretrained weights only exist for users with internet (GTA5, Cityscapes, VisDA,
-# COCO 2017) or whose network takes minutes per CPU step: the sweep runs the same module and code path on an
-# offline pair of datasets and a smaller network. Only the sweep uses these; the YAML files stay the paper's.
-W2S_STAND_IN = ["--model.init_args.network.init_args.backbone=tiny-bert", "--data.init_args.tokenizer=minilm",
-                "--data.init_args.max_length=64", "--trainer.precision=32-true"]
-RC_SMALL = ["--data.init_args.n_test=32", "--data.init_args.n_train=64", "--data.init_args.contrast_min_similarity=0.3"]
-PAPER_SETTING_STAND_INS = {
-    "mic_gta_cityscapes": ["--data.init_args.source=camvid_day", "--data.init_args.target=camvid_dusk",
-                           "--model.init_args.network.init_args.pretrained=",
-                           "--model.init_args.network.init_args.variant=b0"],
-    "fst_gta_cityscapes": ["--data.init_args.source=camvid_day", "--data.init_args.target=camvid_dusk",
-                           "--model.init_args.network.init_args.pretrained=",
-                           "--model.init_args.network.init_args.variant=b0"],
-    "hiast_gta_cityscapes": ["--data.init_args.source=camvid_day", "--data.init_args.target=camvid_dusk",
-                             "--model.init_args.network.init_args.pretrained=",
-                             "--model.init_args.network.init_args.variant=b0"],
-    "mic_visda": ["--data.init_args.source=mnist", "--data.init_args.target=usps",
-                  "--model.init_args.network.init_args.backbone.init_args.pretrained=",
-                  "--model.init_args.network.init_args.backbone.init_args.variant=tiny"],
-    "consistent_teacher_coco10": ["--data.init_args.dataset=coco128", "--data.init_args.train_short_side=[128,160]",
-                                  "--data.init_args.max_long_side=192", "--data.init_args.test_short_side=128",
-                                  "--data.init_args.test_max_long_side=192"],
-    "shrinkmatch_cifar100": ["--model.init_args.network.init_args.widen=2"],
-    # language models: the CPU settings start from the zoo's own pre-trained checkpoints (made by other experiment
-    # files, not present in a clean clone): the sweep starts them from random init; the paper settings name hub
-    # models, which become the tiny byte-level model.
-    "lm_sft_arithmetic": ["--model.init_args.network.init_args.checkpoint="],
-    "raft_shakespeare_vader": ["--model.init_args.network.init_args.checkpoint="],
-    "cream_arithmetic": ["--model.init_args.network.init_args.checkpoint=",
-                         "--model.init_args.reference.init_args.checkpoint="],
-    "cream_arithmetic_srlm": ["--model.init_args.network.init_args.checkpoint=",
-                              "--model.init_args.reference.init_args.checkpoint="],
-    "raft_imdb": ["--model.init_args.network.init_args.pretrained=", "--model.init_args.reward=zoo.raft.rewards.VaderReward",
-                  "--data.init_args.prompts=tiny_shakespeare", "--data.init_args.prompts_per_round=16",
-                  "--data.init_args.prompt_chars=24", "--trainer.precision=32-true"],
-    # reward models and weak-to-strong: hub backbones become a random-init BERT on MiniLM's vocabulary, and the
-    # reward-consistency sets shrink (building them embeds every text with MiniLM)
-    "weak_to_strong_hh_gpt2": W2S_STAND_IN,
-    "weak_to_strong_hh_gpt2_medium": W2S_STAND_IN,
-    "reward_consistency_hh_rlhf": RC_SMALL,
-    "reward_consistency_hh_rlhf_convex_da": RC_SMALL + ["--data.init_args.augment_pairs=8"],
-    "reward_consistency_twitter_llama7b": RC_SMALL + [
-        "--data.init_args.task=hh_rlhf", "--data.init_args.tokenizer=minilm", "--data.init_args.max_length=64",
-        "--model.init_args.network.init_args.backbone=tiny-bert", "--model.init_args.network.init_args.lora_rank=0",
-        "--trainer.precision=32-true"],
-    "cream_llama3_gsm8k": ["--model.init_args.network.init_args.pretrained=",
-                           "--model.init_args.network.init_args.lora_rank=0",
-                           "--model.init_args.network.init_args.dtype=float32",
-                           "--model.init_args.reference.init_args.pretrained=",
-                           "--model.init_args.reference.init_args.dtype=float32",
-                           "--model.init_args.max_new_tokens=8", "--model.init_args.eval_max_new_tokens=8",
-                           "--data.init_args.prompts=two_digit_arithmetic", "--data.init_args.prompts_per_round=16",
-                           "--trainer.precision=32-true"],
-}
-
-
-def stand_in_args(config_path: Path) -> list[str]:
-    config = yaml.safe_load(Path(config_path).read_text())
-    dataset = (config.get("data") or {}).get("init_args", {}).get("dataset")
-    stand_ins = list(PAPER_SETTING_STAND_INS.get(Path(config_path).stem, []))
-    if dataset in STAND_INS:
-        try:
-            load_image_set(dataset, download=False)
-        except MissingDatasetError:
-            stand_ins += [f"--data.init_args.dataset={STAND_INS[dataset]}", "--data.init_args.download=false"]
-    return stand_ins
+def offline_overlay(config_path: Path) -> list[str]:
+    """``experiments/offline/<stem>.yaml``, the offline stand-in of a paper setting whose data or hub weights only
+    exist for users with internet, as a second ``--config`` (same module and code path); none for other files."""
+    overlay = Path(config_path).parent / "offline" / Path(config_path).name
+    return ["--config", str(overlay)] if overlay.exists() else []
 
 
 def build(config_path, run_root, *extra, smoke=True) -> ZooCLI:
-    args = (smoke_args(str(config_path), str(run_root), subcommand=False) if smoke
-            else ["--config", str(config_path), f"--run.root={run_root}"])
-    return ZooCLI(args=args + stand_in_args(config_path) + list(extra), run=False)
+    args = (smoke_args(str(config_path), str(run_root), subcommand=False, overlays=offline_overlay(config_path))
+            if smoke else ["--config", str(config_path), *offline_overlay(config_path), f"--run.root={run_root}"])
+    return ZooCLI(args=args + list(extra), run=False)
+
+
+def _max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((float((x - y).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
+
+
+class _EMAStepRecord:
+    """One training step of an :class:`EMATeacher`: its ``update`` is wrapped on the instance for the step, so each
+    call is checked to move the parameters by exactly ``t <- t + (1 - decay)(source - t)``; the parameters at the
+    batch start must equal those before the first call, and those after the last call those at the batch end."""
+
+    def __init__(self, teacher: EMATeacher):
+        self.teacher = teacher
+        self.calls: list[tuple[float, object, float]] = []  # (decay, source, deviation from the rule)
+        self.outside = 0.0  # the largest change of a parameter between calls: outside the rule
+        self.start = self.last = self.snapshot()
+        update = teacher.update
+
+        def recorded_update(source, decay):
+            source = source if isinstance(source, torch.nn.Module) else list(source)  # FST passes a generator
+            before = self.snapshot()
+            self.outside = max(self.outside, _max_difference(before, self.last))
+            targets = source.parameters() if isinstance(source, torch.nn.Module) else source
+            expected = [b + (1 - decay) * (s.detach() - b) for b, s in zip(before, targets)]
+            update(source, decay)
+            self.last = self.snapshot()
+            self.calls.append((decay, source, _max_difference(self.last, expected)))
+
+        teacher.update = recorded_update
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.teacher.module.parameters()]
+
+    def finish(self) -> list[torch.Tensor]:
+        del self.teacher.update  # the class's method again
+        end = self.snapshot()
+        self.outside = max(self.outside, _max_difference(end, self.last))
+        return end
 
 
 class StepChecker(Callback):
     """Checks, on every training step: finite loss, a finite gradient for every trainable parameter (non-zero on at
-    least one step: a zero-initialised head stops the backbone's gradient on the first step only), and that the EMA
-    moved by exactly ``ema <- ema + (1 - decay) (online - ema)``.
+    least one step: a zero-initialised head stops the backbone's gradient on the first step only), and that every
+    teacher of ``pl_module.teachers()`` moved only by its rule:
+
+    - an :class:`EMATeacher` only through ``update`` calls, each moving it by exactly ``t <- t + (1 - decay)(source -
+      t)``, not between steps, and at least once in the run; the base's ``ema`` once per step, from ``network``,
+      with ``ema_decay_at(step)``;
+    - a :class:`StopGradTeacher` has no parameters or buffers of its own and runs the module's trainable network.
+
+    ``teacher_errors`` describes every violation; ``ema_errors`` holds each step's largest deviation of an EMA
+    teacher from its rule (0 up to rounding). ``teachers_checked`` names the teachers seen, ``update_calls`` counts
+    each EMA teacher's updates.
 
     A module may name ``zero_grad_parameters`` (name prefixes) whose gradient can legitimately be exactly zero: a
     loss gated off early in training (ShrinkMatch's auxiliary head before any sample is confident; the paper's
     tests show it trains once the gate opens) or an invariance of the loss (a pairwise reward loss cannot see a
     shift shared by both rewards). Only their finiteness is checked here."""
+
+    tolerance = 1e-6
 
     def __init__(self):
         self.steps = 0
@@ -106,12 +91,30 @@ class StepChecker(Callback):
         self.trainable: set[str] = set()
         self.module = None
         self.ema_errors: list[float] = []
+        self.teacher_errors: list[str] = []
+        self.teachers_checked: set[str] = set()
+        self.update_calls: dict[str, int] = {}
         self.losses: list[float] = []
+        self._records: dict[str, _EMAStepRecord] = {}
+        self._teacher_at_end: dict[str, list[torch.Tensor]] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.module = pl_module
-        self._ema_before = ([p.detach().clone() for p in pl_module.ema.module.parameters()]
-                            if pl_module.ema is not None else None)
+        trainable = {id(p) for p in pl_module.trainable_modules().parameters() if p.requires_grad}
+        for name, teacher in pl_module.teachers().items():
+            self.teachers_checked.add(name)
+            if isinstance(teacher, EMATeacher):
+                self._records[name] = record = _EMAStepRecord(teacher)
+                if name in self._teacher_at_end and _max_difference(record.start, self._teacher_at_end[name]):
+                    self.teacher_errors.append(f"step {trainer.global_step}: {name} changed between steps")
+            elif isinstance(teacher, StopGradTeacher):
+                own = list(teacher.parameters()) + list(teacher.buffers())
+                runs = list(teacher.module.parameters())
+                if own or not runs or not all(id(p) in trainable for p in runs):
+                    self.teacher_errors.append(f"{name}: a stop-gradient teacher must hold no state and run the "
+                                               "module's trainable network")
+            else:
+                self.teacher_errors.append(f"{name}: {type(teacher).__name__} has no rule in StepChecker")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         for name, p in pl_module.named_parameters():
@@ -134,12 +137,28 @@ class StepChecker(Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss))
         self.steps += 1
-        if self._ema_before is not None:
-            decay = pl_module.ema_decay_at(trainer.global_step - 1)
-            for before, ema, online in zip(self._ema_before, pl_module.ema.module.parameters(),
-                                           pl_module.network.parameters()):
-                expected = before + (1 - decay) * (online.detach() - before)
-                self.ema_errors.append(float((ema - expected).abs().max()))
+        step = trainer.global_step - 1  # the optimizer step this batch took
+        for name, record in self._records.items():
+            self._teacher_at_end[name] = record.finish()
+            self.update_calls[name] = self.update_calls.get(name, 0) + len(record.calls)
+            deviation = max([record.outside] + [error for *_, error in record.calls])
+            self.ema_errors.append(deviation)
+            if record.outside > self.tolerance:
+                self.teacher_errors.append(f"step {step}: {name} moved by {record.outside:.3g} outside update()")
+            for decay, _, error in record.calls:
+                if error > self.tolerance:
+                    self.teacher_errors.append(f"step {step}: {name}.update(decay={decay}) is off the rule by "
+                                               f"{error:.3g}")
+            if record.teacher is pl_module.ema:  # the base's rule: once per optimizer step, with its declared decay
+                expected = [(pl_module.ema_decay_at(step), pl_module.network)]
+                if [(decay, source) for decay, source, _ in record.calls] != expected:
+                    self.teacher_errors.append(
+                        f"step {step}: ema updated {[d for d, *_ in record.calls]}, expected once from network "
+                        f"with ema_decay_at({step}) = {expected[0][0]}")
+        self._records = {}
+
+    def on_train_end(self, trainer, pl_module):
+        self.teacher_errors += [f"{name} was never updated" for name, calls in self.update_calls.items() if not calls]
 
 
 def load_yaml(path) -> dict:

@@ -1,4 +1,4 @@
-"""``python -m zoo.core.compare`` end to end, as a user runs it: two methods x two seeds of a few steps each."""
+"""``python -m zoo.tools.compare`` end to end, as a user runs it: two methods x two seeds of a few steps each."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ TINY = ["--trainer.max_steps=4", "--trainer.val_check_interval=2", "--data.init_
 
 
 def run_compare(out: Path, root: Path):
-    command = [sys.executable, "-m", "zoo.core.compare", f"--out={out}", "--seeds=0,1", f"--root={root}",
+    command = [sys.executable, "-m", "zoo.tools.compare", f"--out={out}", "--seeds=0,1", f"--root={root}",
                f"fixmatch={ROOT / 'experiments/fixmatch_digits.yaml'}",
                f"supervised={ROOT / 'experiments/supervised_digits.yaml'}", *TINY]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,

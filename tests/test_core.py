@@ -1,4 +1,4 @@
-"""Units of the common base: samplers, labeled split, EMA, optimiser groups, LR schedule, W&B offline run."""
+"""Units of the common base: samplers, labeled split, teachers, optimiser groups, LR schedule, W&B offline run."""
 from __future__ import annotations
 
 import math
@@ -11,10 +11,11 @@ import torch
 import torch.nn as nn
 
 from zoo.core.cli import ZooCLI
-from zoo.core.data import FixedLengthSampler, sample_labeled_indices
-from zoo.core.ema import EMA
-from zoo.core.module import param_groups, warmup_cosine
+from zoo.core.data import FixedLengthSampler
+from zoo.semisup.data import sample_labeled_indices
+from zoo.core.module import ZooModule, param_groups, warmup_cosine
 from zoo.core.nets import SmallCNN, WideResNet
+from zoo.core.teacher import EMATeacher, StopGradTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ def test_labeled_split_is_balanced_and_seeded():
 def test_ema_parameters_follow_lerp_and_buffers_follow_their_mode():
     net = SmallCNN(width=4)
     for mode in ("copy", "average"):
-        ema = EMA(net, buffers=mode)
+        ema = EMATeacher(net, buffers=mode)
         before = [p.clone() for p in ema.module.parameters()]
         buf_before = [b.clone() for b in ema.module.buffers()]
         with torch.no_grad():
@@ -75,6 +76,44 @@ def test_ema_parameters_follow_lerp_and_buffers_follow_their_mode():
         assert not any(p.requires_grad for p in ema.module.parameters())
         ema.train()
         assert not ema.module.training
+
+
+def test_ema_teacher_from_tensors_moves_parameters_only_and_train_mode_follows_the_owner():
+    net = SmallCNN(width=4)
+    teacher = EMATeacher(net, train_mode=True)
+    before, buffers = [p.clone() for p in teacher.module.parameters()], [b.clone() for b in teacher.module.buffers()]
+    target = [p.detach() + 1.0 for p in net.parameters()]  # e.g. FST's average of virtual students
+    with torch.no_grad():
+        for b in net.buffers():
+            b.add_(1)
+    teacher.update(target, 0.75)
+    for b0, t, s in zip(before, teacher.module.parameters(), target):
+        torch.testing.assert_close(t, 0.75 * b0 + 0.25 * s)
+    assert all(torch.equal(b0, b) for b0, b in zip(buffers, teacher.module.buffers()))
+    with pytest.raises(ValueError, match="parameter tensors"):
+        teacher.update(target[:-1], 0.75)
+    assert not teacher.module.training  # starts in eval mode, then follows its owner (CT's dropout-running teacher)
+    teacher.train()
+    assert teacher.module.training
+
+
+class _WithTeachers(ZooModule):
+    def __init__(self):
+        super().__init__(SmallCNN(width=4), ema_decay=0.99)
+        self.student_copy = StopGradTeacher(self.network)
+
+
+def test_teachers_are_found_and_the_stopgrad_teacher_has_no_state_of_its_own():
+    module = _WithTeachers()
+    teachers = module.teachers()
+    assert set(teachers) == {"ema", "student_copy"} and isinstance(teachers["ema"], EMATeacher)
+    stopgrad = teachers["student_copy"]
+    assert stopgrad.module is module.network and not list(stopgrad.parameters()) and not stopgrad.state_dict()
+    assert not any(k.startswith("student_copy") for k in module.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    module.eval()
+    out = stopgrad(x)
+    assert out.grad_fn is None and torch.equal(out, module.network(x))  # the student's current weights
 
 
 def test_no_weight_decay_on_biases_and_norms():

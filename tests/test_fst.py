@@ -16,7 +16,7 @@ import pytest
 from lightning.pytorch import Callback
 
 from helpers import build
-from zoo.core.segda import DAFormerSelfTraining, ema_alpha
+from zoo.segda.host import DAFormerSelfTraining, ema_alpha
 from zoo.fst.module import forwards_before
 
 ROOT = Path(__file__).resolve().parents[1]

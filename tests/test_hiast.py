@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from helpers import StepChecker, build
-from zoo.core.segdata import IGNORE
+from zoo.segda.data import IGNORE
 from zoo.hiast.module import HIAST
 from zoo.hiast.rules import (choose_paste_source, hard_aware_copy_paste, hard_classes_and_probabilities, ias_thresholds,
                              region_adaptive_losses, select_pseudo_labels, update_class_values)

@@ -153,6 +153,21 @@ def test_pseudo_huber_is_the_papers_per_sample_distance():
     assert float(ict.pseudo_huber(tiny, 0 * tiny, c)) == pytest.approx(3 * 32 * 32 * 1e-10 / (2 * c), rel=1e-4)
 
 
+@pytest.mark.parametrize("scale", [1e-1, 1e-3, 3e-5, 1e-6])
+def test_pseudo_huber_is_accurate_in_float32_for_small_differences(scale):
+    """Late in training d^2 << c^2: the direct sqrt(d^2 + c^2) - c loses ~3e-4 relative accuracy in float32 at
+    d^2 = 3e-6, c = 0.03. The stable form must match a float64 reference to float32 round-off at every scale."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(8, 3, 32, 32))
+    b = a + scale * rng.normal(size=a.shape)
+    c = 0.00054 * math.sqrt(3 * 32 * 32)
+    d2 = ((a.astype(np.float32).astype(np.float64) - b.astype(np.float32).astype(np.float64)) ** 2).reshape(8, -1).sum(1)
+    reference = d2 / (np.sqrt(d2 + c * c) + c)  # float64, on the very float32 inputs
+    ours = ict.pseudo_huber(torch.from_numpy(a).float(), torch.from_numpy(b).float(), c)
+    assert ours.dtype == torch.float32
+    np.testing.assert_allclose(ours.double().numpy(), reference, rtol=2e-5)
+
+
 def test_two_step_sampling_matches_diffusers_scheduler():
     net = lambda x, c_noise: torch.tanh(x) - 0.3  # noqa: E731  (the reference model ignored its timestep too)
     generator = torch.Generator().manual_seed(0)
@@ -176,6 +191,9 @@ def test_teacher_is_the_student_without_gradient():
     torch.testing.assert_close(teacher, same, rtol=0, atol=0)
     model.distance_fn(student, teacher).mean().backward()
     assert all(p.grad is not None for p in model.network.parameters())
+    # a teacher the sweep checks, with no state of its own: the checkpoint holds the student's weights once
+    assert set(model.teachers()) == {"ema", "teacher"} and model.teacher.module is model.network
+    assert not any(key.startswith("teacher.") for key in model.state_dict())
 
 
 def test_same_dropout_mask_in_both_passes():

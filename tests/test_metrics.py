@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy import linalg
 from sklearn.metrics import accuracy_score
 
-from zoo.core.metrics import FrechetDistance, accuracy, mean_average_precision, mean_iou
+from zoo.core.metrics import accuracy, frechet_distance, mean_average_precision, mean_iou
 
 
 def test_accuracy_matches_sklearn():
@@ -74,25 +75,60 @@ def test_map_matches_pycocotools():
         assert abs(result[key].item() - ref) < 1e-4, (key, result[key].item(), ref)
 
 
-def test_frechet_distance_matches_scipy_formula():
+# What the hand-written ``zoo.core.metrics.FrechetDistance`` (float64 sums, scipy's sqrtm; replaced by torchmetrics'
+# FrechetInceptionDistance) returned on ``_fd_features()``, computed with it just before the switch. It returned a
+# float32 tensor; in float64 it computed 6.566032435594709.
+HAND_WRITTEN_FD = 6.566032409667969
+
+
+def _fd_features(n_real=400, n_fake=300, dim=6) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    real = rng.normal(size=(400, 6))
-    fake = rng.normal(loc=0.3, scale=1.2, size=(300, 6)) @ rng.normal(size=(6, 6)) * 0.5
+    real = rng.normal(size=(n_real, dim))
+    fake = rng.normal(loc=0.3, scale=1.2, size=(n_fake, dim)) @ rng.normal(size=(dim, dim)) * 0.5
+    return real, fake
+
+
+def _scipy_fd(real: np.ndarray, fake: np.ndarray) -> float:
+    """The reference: Heusel et al.'s formula on numpy float64 moments, with scipy's matrix square root."""
     mu1, mu2 = real.mean(0), fake.mean(0)
     c1, c2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
-    expected = ((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real))
 
-    metric = FrechetDistance(torch.nn.Identity(), num_features=6)
-    for chunk in range(0, 400, 128):
-        metric.update(torch.from_numpy(real[chunk:chunk + 128]), real=True)
-    for chunk in range(0, 300, 100):
-        metric.update(torch.from_numpy(fake[chunk:chunk + 100]), real=False)
-    assert abs(metric.compute().item() - expected) < 1e-6 * max(1, expected)
-    # the extractor is applied: a scaled feature space scales the distance by the square of the factor
-    scaled = FrechetDistance(torch.nn.Sequential(torch.nn.Flatten(), _Scale(2.0)), num_features=6)
-    scaled.update(torch.from_numpy(real), real=True)
-    scaled.update(torch.from_numpy(fake), real=False)
-    assert abs(scaled.compute().item() - 4 * expected) < 1e-5 * max(1, expected)
+
+def _fd(real: np.ndarray, fake: np.ndarray, batch: int, features=None, dtype=torch.float64) -> torch.Tensor:
+    metric = frechet_distance(features or torch.nn.Identity(), num_features=real.shape[1])
+    for side, values in ((True, real), (False, fake)):
+        for start in range(0, len(values), batch):
+            metric.update(torch.from_numpy(values[start:start + batch]).to(dtype), real=side)
+    return metric.compute()
+
+
+@pytest.mark.parametrize("batch", [1000, 128, 7, 1])
+def test_frechet_distance_matches_scipy_formula_whatever_the_batching(batch):
+    real, fake = _fd_features()
+    expected = _scipy_fd(real, fake)
+    assert abs(expected - HAND_WRITTEN_FD) < 1e-7 * expected  # the reference is the metric that was replaced
+    value = _fd(real, fake, batch)
+    assert value.dtype == torch.float64 and abs(value.item() - expected) < 1e-10 * expected
+    # float32 features: float64 moments and result all the same, up to the features' own rounding
+    assert abs(_fd(real, fake, batch, dtype=torch.float32).item() - expected) < 1e-6 * expected
+
+
+def test_frechet_distance_with_fewer_samples_than_features():
+    """The regime of the CPU sweep's small evaluation sets: singular covariances, where sqrtm needed an offset."""
+    real, fake = _fd_features(n_real=20, n_fake=24, dim=32)
+    expected = _scipy_fd(real, fake)
+    assert abs(_fd(real, fake, 10).item() - expected) < 1e-6 * expected
+
+
+def test_frechet_distance_applies_its_frozen_extractor():
+    real, fake = _fd_features()
+    extractor = torch.nn.Sequential(torch.nn.Flatten(), _Scale(2.0))
+    # a scaled feature space scales the distance by the square of the factor
+    assert abs(_fd(real, fake, 128, extractor).item() - 4 * _scipy_fd(real, fake)) < 1e-9 * HAND_WRITTEN_FD
+    metric = frechet_distance(extractor, num_features=6)
+    metric.train()
+    assert not any(m.training for m in extractor.modules())
 
 
 class _Scale(torch.nn.Module):

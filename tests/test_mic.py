@@ -21,7 +21,7 @@ from lightning.pytorch import Callback
 
 from helpers import StepChecker, build
 from zoo.core.metrics import mean_iou
-from zoo.core.segda import (blur_kernel_size, class_mix_masks, ema_alpha, one_mix, pseudo_label_and_weight,
+from zoo.segda.host import (blur_kernel_size, class_mix_masks, ema_alpha, one_mix, pseudo_label_and_weight,
                             teacher_mode)
 from zoo.mic.classification import DomainDiscriminator, cdan_loss, grl_coefficient, mcc_loss
 from zoo.mic.module import block_mask, mask_images
@@ -82,6 +82,44 @@ def test_blur_kernel_matches_official():
     assert {side: blur_kernel_size(side) for side in BLUR_KERNEL} == BLUR_KERNEL
 
 
+def test_strong_transform_is_dacs_colour_jitter_and_blur():
+    """``dacs_transforms.color_jitter`` / ``gaussian_blur`` (lhoyer/MIC seg/mmseg/models/utils): kornia 0.5's
+    ColorJitter, whose brightness is *additive* (today's ColorJiggle; today's kornia ColorJitter multiplies), applied
+    on the 0..1 scale of each mixed image, and a Gaussian blur with the 10 %-of-side odd kernel. The official code
+    cannot run here (mmcv/mmseg), so the semantics are checked piece by piece."""
+    from kornia.augmentation import ColorJiggle
+    from kornia.filters import gaussian_blur2d
+
+    from zoo.segda.host import strong_transform
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    images = (torch.rand(2, 3, 12, 20, generator=torch.Generator().manual_seed(0)) * 255 -
+              torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.equal(strong_transform(images, 0.2, 0.5), images)  # draws at the thresholds: neither op
+    m, sd = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    # kornia 0.5's ColorJitter = today's ColorJiggle: its brightness is an additive shift on the 0..1 scale
+    torch.manual_seed(0)
+    unit = (images[:1] * sd + m) / 255
+    brightened = ColorJiggle(brightness=0.2)(unit)
+    inside = (brightened > 0) & (brightened < 1)
+    assert (brightened - unit)[inside].std() < 1e-5 and 0 < abs(float((brightened - unit)[inside].mean())) <= 0.2
+    # the transform is that jitter (s = 0.2 for all four factors), drawn per image, on the denormalised image
+    torch.manual_seed(1)
+    jittered = strong_transform(images, 0.9, 0.0)
+    torch.manual_seed(1)
+    jiggle = ColorJiggle(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.2)
+    expected = torch.cat([(jiggle((image[None] * sd + m) / 255) * 255 - m) / sd for image in images])
+    torch.testing.assert_close(jittered, expected)
+    assert not torch.allclose(jittered, images)
+    # blur only: kornia's Gaussian blur, kernel (3, 3) for 12 x 20 (10 % of each side, odd), sigma ~ U(0.15, 1.15)
+    np.random.seed(3)
+    blurred = strong_transform(images, 0.0, 0.9)
+    np.random.seed(3)
+    sigmas = [np.random.uniform(0.15, 1.15) for _ in range(2)]
+    for image, out, sigma in zip(images, blurred, sigmas):
+        torch.testing.assert_close(out, gaussian_blur2d(image[None], (blur_kernel_size(12), blur_kernel_size(20)),
+                                                        (sigma, sigma))[0])
+
+
 def test_classification_host_matches_official():
     torch.manual_seed(4)
     assert mcc_loss(torch.randn(8, 5) * 2, temperature=2.0).item() == pytest.approx(MCC, rel=1e-5)
@@ -109,7 +147,7 @@ def test_teacher_schedule_and_mode():
 
 
 def test_miou_matches_numpy_confusion_matrix():
-    from zoo.core.segdata import load_segmentation_set
+    from zoo.segda.data import load_segmentation_set
 
     dusk = load_segmentation_set("camvid_dusk", "val")
     labels = torch.from_numpy(np.stack([dusk.load(i)[1] for i in range(8)])).long()
@@ -147,9 +185,28 @@ def test_teacher_labels_the_unmasked_target_and_moves_by_the_schedule(config, tm
 
 def test_missing_paper_data_names_the_path(tmp_path, monkeypatch):
     from zoo.core.datasets import MissingDatasetError
-    from zoo.core.segdata import load_segmentation_set
+    from zoo.segda.data import load_segmentation_set
 
     monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path))
     for name, expected in (("gta5", "gta/images"), ("cityscapes", "leftImg8bit/val")):
         with pytest.raises(MissingDatasetError, match=expected):
             load_segmentation_set(name, "val" if name == "cityscapes" else "train")
+
+
+def test_daformer_optimiser_groups_use_the_zoo_no_decay_rule():
+    """One no-decay rule in the zoo: every BatchNorm parameter of the CPU-sized DAFormer (32 of them) and every bias
+    get no weight decay; the head trains at 10x the learning rate."""
+    from zoo.core.module import param_groups
+    from zoo.segda.networks import SmallDAFormer
+
+    net = SmallDAFormer(num_classes=11)
+    groups = param_groups(net, 0.01, lr=6e-5, lr_multipliers={"head.": 10.0})
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    head = {id(p) for p in net.head.parameters()}
+    norms = [p for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()]
+    assert len(norms) == 32 and all(id(p) in no_decay for p in norms)
+    for name, p in net.named_parameters():
+        group = next(g for g in groups if any(q is p for q in g["params"]))
+        assert group["lr"] == pytest.approx(6e-4 if id(p) in head else 6e-5)
+        assert (group["weight_decay"] == 0) == (p.ndim <= 1), name
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))

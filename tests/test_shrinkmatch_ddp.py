@@ -9,7 +9,8 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
-from zoo.shrinkmatch.module import distribution_alignment, mean_over_ranks
+from zoo.core.distributed import mean_over_ranks
+from zoo.shrinkmatch.module import distribution_alignment
 
 
 def close(actual, expected):

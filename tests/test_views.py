@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from scipy import stats
 from torch.utils.data import DataLoader
 
-from zoo.core.bench_data import measure_loader
+from zoo.tools.bench_data import measure_loader
 from zoo.core.data import ViewDataset
 from zoo.core.datasets import load_image_set
 from zoo.core.views import RANDAUGMENT_OPS, StrongView, WeakView, apply_op, cutout

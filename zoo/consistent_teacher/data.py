@@ -18,23 +18,21 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from zoo.core.data import FixedLengthSampler, dist_info
-from zoo.core.datasets import MissingDatasetError, data_root, shared_root
+from zoo.core.data import StreamDataModule
+from zoo.core.datasets import IMAGENET_MEAN, IMAGENET_STD, MissingDatasetError, data_root, shared_root  # official img_norm_cfg
 
 from .transforms import LABELED, STRONG, WEAK, Augment, resize_for_test
 
 __all__ = ["Record", "load_detection_set", "DetectionSemiDataModule", "collate", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 SHIPPED = "It ships in the zoo's shared offline data (ZOO_DATA_DIR=../shared/data)."
-IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # official img_norm_cfg
 
 
 @dataclass
@@ -189,7 +187,7 @@ def collate(items: list[dict], size_divisor: int = 32) -> dict:
     return batch
 
 
-class DetectionSemiDataModule(L.LightningDataModule):
+class DetectionSemiDataModule(StreamDataModule):
     """Labeled + unlabeled detection streams (``CombinedLoader({"lb", "ulb"})``) and the test set.
 
     Args:
@@ -234,43 +232,19 @@ class DetectionSemiDataModule(L.LightningDataModule):
         self.setup()
         return len(self.classes)
 
-    def _world(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else dist_info()
-
-    def _steps_done_in_epoch(self) -> int:
-        if self.trainer is None:
-            return 0
-        return self.trainer.global_step * self.trainer.accumulate_grad_batches - \
-            self.trainer.current_epoch * self.steps_per_epoch
-
-    def _stream(self, dataset: Dataset, global_batch: int, stream_seed: int) -> DataLoader:
-        rank, world = self._world()
-        if global_batch % world:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
-        sampler = FixedLengthSampler(len(dataset), global_batch * self.steps_per_epoch,
-                                     seed=self.sampler_seed * 2 + stream_seed, rank=rank, world_size=world)
-        sampler.fast_forward(self._steps_done_in_epoch() * global_batch // world)
-        return DataLoader(dataset, batch_size=global_batch // world, sampler=sampler, drop_last=True,
-                          collate_fn=collate, num_workers=self.num_workers, pin_memory=self._pin(),
-                          persistent_workers=self.num_workers > 0)
-
-    def _pin(self) -> bool:
-        return self.pin_memory and torch.cuda.is_available()
-
     def train_dataloader(self):
         short, long = self.train_short_side, self.max_long_side
-        loaders = {"lb": self._stream(LabeledSet(self.labeled, Augment(LABELED, short, long)), self.batch_size, 0)}
+        labeled = LabeledSet(self.labeled, Augment(LABELED, short, long))
+        loaders = {"lb": self.stream(labeled, self.batch_size, self.sampler_seed * 2, collate_fn=collate)}
         if self.uratio > 0:
             unlabeled = UnlabeledSet(self.unlabeled, Augment(WEAK, short, long), Augment(STRONG, short, long))
-            loaders["ulb"] = self._stream(unlabeled, self.batch_size * self.uratio, 1)
+            loaders["ulb"] = self.stream(unlabeled, self.batch_size * self.uratio, self.sampler_seed * 2 + 1,
+                                         collate_fn=collate)
         return CombinedLoader(loaders, mode="min_size")
 
     def val_dataloader(self):
         ds = TestSet(self.test_records, self.test_short_side, self.test_max_long_side)
-        sampler = torch.utils.data.DistributedSampler(ds, shuffle=False) if self._world()[1] > 1 else None
-        return DataLoader(ds, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=collate,
-                          num_workers=self.num_workers, pin_memory=self._pin(),
-                          persistent_workers=self.num_workers > 0)
+        return self.eval_loader(ds, self.eval_batch_size, collate_fn=collate)
 
     test_dataloader = val_dataloader
 

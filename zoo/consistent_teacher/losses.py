@@ -22,6 +22,8 @@ from sklearn.mixture import GaussianMixture
 from torchvision.models.detection._utils import Matcher
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
+from zoo.core.distributed import mean_over_ranks
+
 __all__ = ["focal_loss_with_prob", "dynamic_assign", "static_assign", "detection_loss", "select_by_score_sum",
            "gmm_threshold", "push_scores", "transform_boxes_torch"]
 
@@ -83,14 +85,6 @@ def static_assign(anchors: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor
     return _MATCHER(box_iou(gt_boxes, anchors))
 
 
-def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value = value / torch.distributed.get_world_size()
-    return value
-
-
 def detection_loss(scores: torch.Tensor, boxes: torch.Tensor, anchors: torch.Tensor, strides: torch.Tensor,
                    gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor], adaptive_assignment: bool = True,
                    topk: int = 13, iou_factor: float = 2.0, box_loss_weight: float = 2.0) -> dict[str, torch.Tensor]:
@@ -116,7 +110,7 @@ def detection_loss(scores: torch.Tensor, boxes: torch.Tensor, anchors: torch.Ten
         else:
             box_total = box_total + img_boxes.sum() * 0
         normaliser = normaliser + box_weight[positive].sum()
-    normaliser = _mean_over_processes(normaliser.detach()).clamp(min=1)
+    normaliser = mean_over_ranks(normaliser.detach()).clamp(min=1)
     return {"cls": cls_total / normaliser, "box": box_loss_weight * box_total / normaliser}
 
 

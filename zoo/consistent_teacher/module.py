@@ -32,9 +32,9 @@ multiplies by 0), and FAM-3D drops the per-level learnable ``Scale`` (see ``dete
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from torchvision.ops import box_iou
 
+from zoo.core.media import wandb_loggers
 from zoo.core.metrics import mean_average_precision
 from zoo.core.module import ZooModule
 
@@ -87,13 +87,10 @@ class ConsistentTeacher(ZooModule):
                  gmm_threshold: bool = True, dynamic_ratio: float = 1.0, num_scores: int = 100,
                  gmm_policy: str = "high", score_threshold: float = 0.5, unsup_weight: float = 2.0,
                  unsup_warmup_steps: int = 10000, background_weight: float = 0.01, box_loss_weight: float = 2.0,
-                 panel_every_n_steps: int = 500, optimizer: str = "sgd", lr: float = 0.01,
-                 weight_decay: float = 1e-4, momentum: float = 0.9, nesterov: bool = False, warmup_steps: int = 500,
-                 lr_schedule: str = "cosine", cosine_cycles: float = 0.0, ema_decay: float | None = 0.9995,
-                 ema_buffers: str = "copy", compile: bool = False):
-        super().__init__(network, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                         nesterov=nesterov, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
-                         cosine_cycles=cosine_cycles, ema_decay=ema_decay, ema_buffers=ema_buffers, compile=compile)
+                 panel_every_n_steps: int = 500, lr: float = 0.01, weight_decay: float = 1e-4, nesterov: bool = False,
+                 warmup_steps: int = 500, cosine_cycles: float = 0.0, ema_decay: float | None = 0.9995, **base):
+        super().__init__(network, lr=lr, weight_decay=weight_decay, nesterov=nesterov, warmup_steps=warmup_steps,
+                         cosine_cycles=cosine_cycles, ema_decay=ema_decay, **base)
         self.adaptive_assignment, self.topk, self.iou_factor = adaptive_assignment, topk, iou_factor
         self.use_gmm, self.dynamic_ratio, self.gmm_policy = gmm_threshold, dynamic_ratio, gmm_policy
         self.score_threshold, self.unsup_weight = score_threshold, unsup_weight
@@ -205,8 +202,8 @@ class ConsistentTeacher(ZooModule):
     # ---------------------------------------------------------------- W&B panels
     def _log_boxes(self, key: str, images: torch.Tensor, boxes, labels, scores=None, num_images: int = 4) -> None:
         """Boxes drawn on images in W&B (only when the logger is a WandbLogger, on rank 0)."""
-        loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
-        if not loggers or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        loggers = wandb_loggers(self.trainer)
+        if not loggers:
             return
         import wandb
 

@@ -2,14 +2,18 @@
 samples."""
 from __future__ import annotations
 
+import random
 import time
+import warnings
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
 
-__all__ = ["LastCheckpoint", "NonFiniteLossError", "NonFiniteLossGuard", "SpeedMonitor", "PredictionSamples", "count_samples"]
+from .media import wandb_loggers
+
+__all__ = ["RandomState", "LastCheckpoint", "NonFiniteLossError", "NonFiniteLossGuard", "SpeedMonitor", "PredictionSamples", "count_samples"]
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -21,6 +25,70 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self.save_last and self.dirpath is not None:
             trainer.save_checkpoint(f"{self.dirpath}/{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+
+
+def random_states() -> dict:
+    """This process's global random states: Python, NumPy, torch CPU and the current CUDA device, as tensors and
+    plain values (checkpoints are loaded with ``weights_only``, which refuses NumPy arrays)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_random_states(states: dict) -> None:
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+class RandomState(Callback):
+    """Exact resume of everything a method draws from the global generators (dropout, noise, masks, mixing).
+
+    - Every checkpoint holds each process's random states (gathered from all ranks, since only rank 0 writes); a
+      resumed run restores its own rank's right before its first training batch, where the interrupted run stood
+      when it wrote the checkpoint.
+    - Validation runs on a fork of the states and hands the training ones back untouched, so the training
+      randomness does not depend on when (or whether) validation ran, e.g. between a checkpoint and the next step.
+    """
+
+    def __init__(self):
+        self._to_restore: list[dict] | None = None
+        self._training_states: dict | None = None
+
+    def state_dict(self) -> dict:
+        states = random_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+            return {"per_rank": gathered}
+        return {"per_rank": [states]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._to_restore = state_dict.get("per_rank")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._to_restore is None:
+            return
+        states, self._to_restore = self._to_restore, None
+        if len(states) != trainer.world_size:
+            warnings.warn(f"the checkpoint holds random states of {len(states)} processes, this run has "
+                          f"{trainer.world_size}: the methods' random draws will differ from the interrupted run")
+            return
+        set_random_states(states[trainer.global_rank])
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._training_states = random_states()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._training_states is not None:
+            set_random_states(self._training_states)
+            self._training_states = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -94,10 +162,8 @@ class PredictionSamples(Callback):
         self.num_images = num_images
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if batch_idx or not trainer.is_global_zero or not isinstance(outputs, dict) or "preds" not in outputs:
-            return
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        if not loggers or trainer.sanity_checking:
+        loggers = wandb_loggers(trainer)
+        if batch_idx or not loggers or not isinstance(outputs, dict) or "preds" not in outputs:
             return
         images = batch["image"][: self.num_images].float()
         lo = images.amin(dim=(1, 2, 3), keepdim=True)

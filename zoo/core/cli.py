@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from .callbacks import LastCheckpoint, NonFiniteLossGuard, PredictionSamples, SpeedMonitor
+from .callbacks import LastCheckpoint, NonFiniteLossGuard, PredictionSamples, RandomState, SpeedMonitor
 from .module import ZooModule
 
 __all__ = ["ZooCLI", "main", "wandb_mode"]
@@ -130,7 +130,7 @@ class ZooCLI(LightningCLI):
             # last.ckpt: every N steps, at the end, and when the run is interrupted (Ctrl-C, an exception)
             LastCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, save_on_exception=True,
                             every_n_train_steps=run["checkpoint_every_n_steps"], enable_version_counter=False),
-            NonFiniteLossGuard(), SpeedMonitor(), PredictionSamples(),
+            RandomState(), NonFiniteLossGuard(), SpeedMonitor(), PredictionSamples(),
         ]
         logger = self._make_logger(cfg, run, name, run_dir)
         if logger is not False:
@@ -249,16 +249,19 @@ def _parser_options(parser, argv) -> list[str]:
 
 
 def _init_arguments(class_path: str) -> list[str]:
+    """The class's configurable arguments as jsonargparse resolves them (``**host`` pass-throughs included)."""
     import importlib
-    import inspect
+
+    from jsonargparse import ArgumentParser
 
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "init", fail_untyped=False)
+    except Exception:  # an unimportable or unresolvable class: jsonargparse's own message stands alone
         return []
-    params = inspect.signature(cls.__init__).parameters
-    return [p for p in params if p not in ("self", "args", "kwargs")]
+    return sorted({action.dest.split(".")[1] for action in parser._actions if action.dest.startswith("init.")})
 
 
 def main(args=None) -> None:

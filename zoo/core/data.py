@@ -1,32 +1,31 @@
-"""Semi-supervised data: a labeled and an unlabeled stream of fixed length per epoch.
+"""The zoo's one data contract: every training stream of every data module is a fixed-length, sharded, resumable
+stream of *global* batches.
 
-Protocol (as in USB): every "epoch" is ``steps_per_epoch`` optimizer steps; each step draws ``batch_size``
-labeled and ``uratio * batch_size`` unlabeled samples *in total over all ranks*, so the number of steps and the
-global batch do not depend on the number of GPUs. The samplers shard each global batch across ranks themselves
-(Lightning's sampler replacement is switched off by the CLI), reshuffle per epoch through ``set_epoch`` and
-fast-forward on resume, so an interrupted run continues on exactly the batches it would have seen.
+- Batch sizes are global: each of N processes loads ``global_batch / N`` items, so the number of steps, the global
+  batch and the learning-rate schedule do not depend on N.
+- An epoch is ``steps_per_epoch`` batches per stream. :class:`FixedLengthSampler` draws the epoch's items from
+  (seed, epoch) alone, and each rank takes a strided share of every global batch, so the ranks' shards are disjoint
+  and a run's data do not depend on the number of processes or workers (Lightning's sampler replacement is off).
+- On resume the sampler skips what the interrupted run already consumed in the current epoch, gradient
+  accumulation included, so the run continues on exactly the batches it would have seen next.
+
+A data module inherits :class:`StreamDataModule` and builds its training loaders with :meth:`~StreamDataModule.stream`
+and its evaluation loaders with :meth:`~StreamDataModule.eval_loader`.
 """
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities.combined_loader import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .datasets import ImageSet, load_image_set
-from .views import Identity, StrongView, View, WeakView
+from .distributed import rank_and_world
+from .views import View
 
-__all__ = ["FixedLengthSampler", "ViewDataset", "SemiSupervisedDataModule", "sample_labeled_indices", "dist_info"]
-
-
-def dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+__all__ = ["FixedLengthSampler", "StreamDataModule", "ViewDataset", "normalise_images"]
 
 
 class FixedLengthSampler(Sampler):
@@ -69,6 +68,82 @@ class FixedLengthSampler(Sampler):
         return self.samples_per_epoch // self.world_size
 
 
+class StreamDataModule(L.LightningDataModule):
+    """Base of every data module: builds training streams on the contract above and sharded evaluation loaders.
+
+    A subclass sets ``steps_per_epoch`` (batches per stream and epoch), ``num_workers`` and ``pin_memory`` in its
+    constructor (its own arguments, with its defaults), and calls :meth:`stream` once per training stream.
+    """
+
+    steps_per_epoch: int
+    num_workers: int = 0
+    pin_memory: bool = True
+
+    def world(self) -> tuple[int, int]:
+        """(rank, world size): the trainer's when attached, torch.distributed's otherwise."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return rank_and_world()
+
+    def per_rank(self, global_batch: int) -> int:
+        world = self.world()[1]
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
+        return global_batch // world
+
+    def batches_done(self) -> int:
+        """Batches each stream has delivered so far: ``global_step * accumulate_grad_batches``. While Lightning is
+        resuming, it may build the loader before it restores its loops (to count the steps of a schedule), with
+        ``global_step`` still 0: the position saved in the checkpoint (:meth:`state_dict`) counts until then."""
+        if self.trainer is None:
+            return 0
+        done = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        return max(done, getattr(self, "_resumed_batches", 0))
+
+    def epoch_and_offset(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained on) of the next batch, from the step alone: every epoch is
+        ``steps_per_epoch`` batches, so a run resumed from a checkpoint at an epoch's last step starts the next epoch
+        (Lightning's ``current_epoch`` still names the finished one while it builds the loader)."""
+        return divmod(self.batches_done(), self.steps_per_epoch)
+
+    def stream(self, dataset: Dataset, global_batch: int, seed: int, sampler: FixedLengthSampler | None = None,
+               collate_fn: Callable | None = None) -> DataLoader:
+        """A training loader of ``global_batch`` items per step over all processes (this rank's share),
+        ``steps_per_epoch`` steps per epoch, fast-forwarded past what this epoch already consumed.
+
+        ``sampler`` replaces the uniform :class:`FixedLengthSampler` (a subclass with other draws, built for
+        ``world()``); it must yield ``global_batch * steps_per_epoch / world`` keys per epoch."""
+        rank, world = self.world()
+        per_rank = self.per_rank(global_batch)
+        if sampler is None:
+            sampler = FixedLengthSampler(len(dataset), global_batch * self.steps_per_epoch, seed, rank, world)
+        epoch, offset = self.epoch_and_offset()
+        # the epoch is set here too: worker processes may draw from the sampler before Lightning calls set_epoch
+        sampler.set_epoch(epoch)
+        sampler.fast_forward(offset * per_rank)
+        return DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True, collate_fn=collate_fn,
+                          **self._loader_kwargs(seed))
+
+    def state_dict(self) -> dict:
+        """The training position, saved in every checkpoint (see :meth:`batches_done`)."""
+        return {"batches_done": self.batches_done()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resumed_batches = int(state.get("batches_done", 0))
+
+    def eval_loader(self, dataset: Dataset, batch_size: int, collate_fn: Callable | None = None) -> DataLoader:
+        """An evaluation loader in dataset order; sharded over processes (``batch_size`` per process)."""
+        sampler = DistributedSampler(dataset, shuffle=False) if self.world()[1] > 1 else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                          **self._loader_kwargs(0))
+
+    def _loader_kwargs(self, seed: int) -> dict:
+        # a loader's own generator: starting an iterator (each epoch, each evaluation) then draws its worker seed
+        # from it instead of from the global generator the method's own random draws come from
+        return {"num_workers": self.num_workers, "pin_memory": self.pin_memory and torch.cuda.is_available(),
+                "persistent_workers": self.num_workers > 0, "generator": torch.Generator().manual_seed(seed)}
+
+
 class ViewDataset(Dataset):
     """Images and labels, returned as a dict holding each named view as a uint8 CHW tensor."""
 
@@ -87,122 +162,11 @@ class ViewDataset(Dataset):
         return item
 
 
-def sample_labeled_indices(labels: np.ndarray, num_labels: int, num_classes: int, seed: int) -> np.ndarray:
-    """``num_labels / num_classes`` random indices per class (the standard balanced split)."""
-    if num_labels % num_classes:
-        raise ValueError(f"num_labels={num_labels} must be a multiple of the {num_classes} classes")
-    rng = np.random.default_rng(seed)
-    per_class = num_labels // num_classes
-    chosen = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in range(num_classes)]
-    return np.sort(np.concatenate(chosen))
-
-
-class SemiSupervisedDataModule(L.LightningDataModule):
-    """Labeled + unlabeled training streams (``CombinedLoader({"lb", "ulb"})``) and the test set for evaluation.
-
-    Args:
-        dataset: one of ``zoo.core.datasets.IMAGE_SETS``.
-        num_labels: labeled training images, balanced over classes, drawn with ``split_seed``.
-        batch_size: global labeled batch per step (split across ranks).
-        uratio: unlabeled batch = ``uratio * batch_size`` (FixMatch's mu). 0 trains on the labeled stream only.
-        steps_per_epoch: optimizer steps per epoch (validation and checkpoint cadence).
-        labeled_views / unlabeled_views: named views per stream; default weak / (weak, strong).
-        include_labeled_in_unlabeled: the unlabeled stream draws from the whole training set (FixMatch, USB).
-    """
-
-    def __init__(self, dataset: str = "cifar10", num_labels: int = 40, batch_size: int = 64, uratio: int = 7,
-                 steps_per_epoch: int = 1024, labeled_views: dict[str, View] | None = None,
-                 unlabeled_views: dict[str, View] | None = None, include_labeled_in_unlabeled: bool = True,
-                 eval_batch_size: int = 256, num_workers: int = 4, split_seed: int = 0, sampler_seed: int = 0,
-                 download: bool = True, pin_memory: bool = True):
-        super().__init__()
-        self.dataset, self.num_labels, self.batch_size, self.uratio = dataset, num_labels, batch_size, uratio
-        self.steps_per_epoch, self.include_labeled_in_unlabeled = steps_per_epoch, include_labeled_in_unlabeled
-        self.labeled_views = labeled_views if labeled_views is not None else {"weak": WeakView()}
-        self.unlabeled_views = (unlabeled_views if unlabeled_views is not None
-                                else {"weak": WeakView(), "strong": StrongView()})
-        self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
-        self.split_seed, self.sampler_seed, self.download, self.pin_memory = split_seed, sampler_seed, download, pin_memory
-        self.data: ImageSet | None = None
-
-    # ------------------------------------------------------------------ setup
-    def prepare_data(self) -> None:
-        load_image_set(self.dataset, download=self.download)  # downloads once, on one process per node
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.data is not None:
-            return
-        self.data = load_image_set(self.dataset, download=self.download)
-        self.labeled_idx = sample_labeled_indices(self.data.y_train, self.num_labels, self.data.num_classes,
-                                                  self.split_seed)
-        self.unlabeled_idx = (np.arange(len(self.data.y_train)) if self.include_labeled_in_unlabeled
-                              else np.setdiff1d(np.arange(len(self.data.y_train)), self.labeled_idx))
-        # normalisation constants on the 0..255 scale, applied on the device
-        self.mean = torch.tensor(self.data.mean).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(self.data.std).view(1, -1, 1, 1) * 255
-
-    @property
-    def num_classes(self) -> int:
-        if self.data is None:
-            self.setup()
-        return self.data.num_classes
-
-    # ------------------------------------------------------------- loaders
-    def _world(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        return dist_info()
-
-    def _stream(self, indices: np.ndarray, views: dict[str, View], global_batch: int, stream_seed: int,
-                skip_steps: int) -> DataLoader:
-        rank, world = self._world()
-        if global_batch % world:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
-        ds = ViewDataset(self.data.x_train[indices], self.data.y_train[indices], views)
-        sampler = FixedLengthSampler(len(ds), global_batch * self.steps_per_epoch,
-                                     seed=self.sampler_seed * 2 + stream_seed, rank=rank, world_size=world)
-        sampler.fast_forward(skip_steps * global_batch // world)
-        return DataLoader(ds, batch_size=global_batch // world, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, pin_memory=self._pin(),
-                          persistent_workers=self.num_workers > 0)
-
-    def _pin(self) -> bool:
-        return self.pin_memory and torch.cuda.is_available()
-
-    def _steps_done_in_epoch(self) -> int:
-        """Batches of the current epoch already trained on (non-zero only when resuming mid-epoch)."""
-        if self.trainer is None:
-            return 0
-        return self.trainer.global_step * self.trainer.accumulate_grad_batches - \
-            self.trainer.current_epoch * self.steps_per_epoch
-
-    def train_dataloader(self):
-        skip = self._steps_done_in_epoch()
-        loaders = {"lb": self._stream(self.labeled_idx, self.labeled_views, self.batch_size, 0, skip)}
-        if self.uratio > 0:
-            loaders["ulb"] = self._stream(self.unlabeled_idx, self.unlabeled_views, self.batch_size * self.uratio,
-                                          1, skip)
-        return CombinedLoader(loaders, mode="min_size")
-
-    def val_dataloader(self):
-        ds = ViewDataset(self.data.x_test, self.data.y_test, {"image": Identity()})
-        sampler = None
-        if self._world()[1] > 1:
-            sampler = torch.utils.data.DistributedSampler(ds, shuffle=False)
-        return DataLoader(ds, batch_size=self.eval_batch_size, sampler=sampler, num_workers=self.num_workers,
-                          pin_memory=self._pin(), persistent_workers=self.num_workers > 0)
-
-    test_dataloader = val_dataloader
-
-    # ----------------------------------------------------- on the device
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Normalise every uint8 image tensor on the device (cheaper than in the workers)."""
-        return _normalise(batch, self.mean, self.std)
-
-
-def _normalise(batch, mean, std):
+def normalise_images(batch, mean: torch.Tensor, std: torch.Tensor):
+    """Every uint8 NCHW tensor of ``batch`` (nested dicts) -> float, normalised with 0..255-scale ``mean``/``std``,
+    channels-last."""
     if isinstance(batch, dict):
-        return {k: _normalise(v, mean, std) for k, v in batch.items()}
+        return {k: normalise_images(v, mean, std) for k, v in batch.items()}
     if isinstance(batch, torch.Tensor) and batch.dtype == torch.uint8 and batch.ndim == 4:
         mean, std = mean.to(batch.device), std.to(batch.device)
         return ((batch.float() - mean) / std).contiguous(memory_format=torch.channels_last)

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ImageSet", "MissingDatasetError", "data_root", "load_image_set", "IMAGE_SETS"]
+__all__ = ["ImageSet", "IMAGENET_MEAN", "IMAGENET_STD", "MissingDatasetError", "data_root", "load_image_set", "IMAGE_SETS"]
 
+
+# ImageNet statistics on the 0..255 scale (mmcv's img_norm_cfg; what ImageNet-pretrained encoders expect)
+IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 class MissingDatasetError(FileNotFoundError):
     pass
@@ -142,6 +145,49 @@ def load_digits(download: bool = False) -> ImageSet:
                     (mean,) * 3, (std,) * 3, tuple(str(i) for i in range(10)))
 
 
+# the ImageNet statistics above on ImageSet's 0..1 scale, for the ImageNet-derived sets below
+IMAGENET_MEAN_01, IMAGENET_STD_01 = tuple(v / 255 for v in IMAGENET_MEAN), tuple(v / 255 for v in IMAGENET_STD)
+
+
+def load_imagenette_subset(download: bool = False) -> ImageSet:
+    """The offline Imagenette subset: 10 ImageNet classes, 800 train / 400 val (used as the test split) at 64x64
+    (see its SOURCE.md). Not the full Imagenette (9,469 / 3,925 images), which the zoo does not load."""
+    path = _require("imagenette/imagenette_64px_subset.npz",
+                    "It ships in the zoo's shared offline data (set ZOO_DATA_DIR=../shared/data).")
+    d = np.load(path)
+    return ImageSet("imagenette_subset", d["x_train"], d["y_train"].astype(np.int64), d["x_val"],
+                    d["y_val"].astype(np.int64), IMAGENET_MEAN_01, IMAGENET_STD_01,
+                    tuple(str(c) for c in d["class_names"]))
+
+
+PACS_DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
+
+
+def load_pacs_unseen(domain: str) -> ImageSet:
+    """PACS (offline subset: 4 domains x 7 classes x 64 images at 64x64) split leave-one-domain-out: the train
+    split holds the three other domains, the test split the unseen ``domain``."""
+    if domain not in PACS_DOMAINS:
+        raise ValueError(f"unknown PACS domain {domain!r}; domains: {PACS_DOMAINS}")
+    path = _require("pacs/pacs_64px_64per.npz",
+                    "It ships in the zoo's shared offline data (set ZOO_DATA_DIR=../shared/data).")
+    d = np.load(path)
+    names = tuple(str(n) for n in d["domain_names"])
+    if names != PACS_DOMAINS:
+        raise ValueError(f"{path}: domain_names {names} are not the expected {PACS_DOMAINS}")
+    unseen = d["domain"] == PACS_DOMAINS.index(domain)
+    y = d["y"].astype(np.int64)
+    return ImageSet(f"pacs_unseen_{domain}", d["x"][~unseen], y[~unseen], d["x"][unseen], y[unseen],
+                    IMAGENET_MEAN_01, IMAGENET_STD_01, tuple(str(c) for c in d["class_names"]))
+
+
+def _pacs_loader(domain: str):
+    def load(download: bool = False) -> ImageSet:
+        return load_pacs_unseen(domain)
+
+    load.__doc__ = f"PACS with {domain} unseen (test) and the three other domains as the train split."
+    return load
+
+
 IMAGE_SETS = {
     "cifar10": load_cifar10,
     "cifar100": load_cifar100,
@@ -149,6 +195,8 @@ IMAGE_SETS = {
     "mnist": load_mnist,
     "usps": load_usps,
     "digits": load_digits,
+    "imagenette_subset": load_imagenette_subset,
+    **{f"pacs_unseen_{domain}": _pacs_loader(domain) for domain in PACS_DOMAINS},
 }
 
 

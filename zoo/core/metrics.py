@@ -8,14 +8,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-from scipy import linalg
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-__all__ = ["accuracy", "mean_iou", "mean_average_precision", "FrechetDistance", "inception_fid", "frechet_distance"]
+__all__ = ["accuracy", "mean_iou", "mean_average_precision", "frechet_distance", "inception_fid"]
 
 
 def accuracy(num_classes: int, top_k: int = 1) -> Metric:
@@ -36,53 +34,39 @@ def mean_average_precision(iou_type: str = "bbox", class_metrics: bool = False) 
     return MeanAveragePrecision(iou_type=iou_type, class_metrics=class_metrics, backend="faster_coco_eval")
 
 
-def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)), the FID formula (Heusel et al. 2017)."""
-    covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
-    if not np.isfinite(covmean).all():  # singular product: regularise as the reference implementation does
-        offset = np.eye(cov1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
+class _FrozenFeatures(nn.Module):
+    """A feature extractor as torchmetrics' ``FrechetInceptionDistance`` takes a custom one.
 
-
-class FrechetDistance(Metric):
-    """Fréchet distance between real and generated samples in the feature space of ``feature_extractor``.
-
-    ``update(images, real=...)`` embeds the images (or takes features directly when the extractor is
-    ``nn.Identity``) and accumulates sums in float64, so the result does not depend on batching or on the
-    number of processes. Name the logged value after the extractor: it is only an FID with Inception-v3.
+    It reads ``num_features`` (without it, it probes the size with a random 3x299x299 image); the extractor is
+    frozen and stays in eval mode whatever its owner's mode; features leave as float64, because the metric returns
+    its value in the features' dtype (bf16 features under autocast would round the distance to three digits).
     """
 
-    full_state_update = False
+    def __init__(self, extractor: nn.Module, num_features: int):
+        super().__init__()
+        self.extractor, self.num_features = extractor.eval().requires_grad_(False), num_features
 
-    def __init__(self, feature_extractor: nn.Module, num_features: int, **kwargs):
-        super().__init__(**kwargs)
-        self.feature_extractor = feature_extractor.eval().requires_grad_(False)
-        for side in ("real", "fake"):
-            self.add_state(f"{side}_n", torch.tensor(0, dtype=torch.float64), dist_reduce_fx="sum")
-            self.add_state(f"{side}_sum", torch.zeros(num_features, dtype=torch.float64), dist_reduce_fx="sum")
-            self.add_state(f"{side}_outer", torch.zeros(num_features, num_features, dtype=torch.float64),
-                           dist_reduce_fx="sum")
+    def train(self, mode: bool = True):
+        return super().train(False)
 
-    def update(self, images: torch.Tensor, real: bool) -> None:
-        with torch.no_grad():
-            feats = self.feature_extractor(images).double().flatten(1)
-        side = "real" if real else "fake"
-        setattr(self, f"{side}_n", getattr(self, f"{side}_n") + feats.shape[0])
-        setattr(self, f"{side}_sum", getattr(self, f"{side}_sum") + feats.sum(0))
-        setattr(self, f"{side}_outer", getattr(self, f"{side}_outer") + feats.T @ feats)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extractor(images).flatten(1).double()
 
-    def _moments(self, side: str) -> tuple[np.ndarray, np.ndarray]:
-        n = getattr(self, f"{side}_n")
-        if n < 2:
-            raise ValueError(f"FrechetDistance needs at least 2 {side} samples, got {int(n)}")
-        mu = getattr(self, f"{side}_sum") / n
-        cov = (getattr(self, f"{side}_outer") - n * torch.outer(mu, mu)) / (n - 1)
-        return mu.cpu().numpy(), cov.cpu().numpy()
 
-    def compute(self) -> torch.Tensor:
-        return torch.tensor(frechet_distance(*self._moments("real"), *self._moments("fake")))
+def frechet_distance(features: nn.Module, num_features: int | None = None) -> Metric:
+    """Fréchet distance ``||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2))`` (Heusel et al. 2017) between real and
+    generated samples in the feature space of ``features``; ``update(images, real=...)``.
+
+    torchmetrics' ``FrechetInceptionDistance`` with a custom extractor: float64 sums of the features and of their
+    outer products (independent of batching and of the number of processes), the trace term from the eigenvalues
+    of ``C1 C2`` in float64. ``features = nn.Identity()`` takes features directly (then give ``num_features``;
+    otherwise it defaults to ``features.num_features``). Name the logged value after the extractor: it is only an
+    FID with Inception-v3 (:func:`inception_fid`).
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    num_features = num_features if num_features is not None else features.num_features
+    return FrechetInceptionDistance(feature=_FrozenFeatures(features, num_features))
 
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"

@@ -6,7 +6,8 @@ defaults (the constructor is the config schema), passes the shared ones through,
 
 - SGD / AdamW / RAdam with no weight decay on biases and normalisation parameters;
 - linear warm-up then cosine decay over ``trainer.estimated_stepping_batches``;
-- an optional EMA copy of ``self.network`` updated right after every optimizer step (``self.ema``).
+- an optional EMA teacher of ``self.network`` updated right after every optimizer step (``self.ema``, an
+  :class:`~zoo.core.teacher.EMATeacher`), and :meth:`ZooModule.teachers`, every teacher a paper keeps.
 """
 from __future__ import annotations
 
@@ -17,25 +18,39 @@ import lightning as L
 import torch
 import torch.nn as nn
 
-from .ema import EMA
 from .metrics import accuracy
+from .teacher import EMATeacher, Teacher
 
 __all__ = ["ZooModule", "param_groups", "warmup_cosine"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights with decay; biases and normalisation parameters without. A parameter shared by two
-    modules (tied input/output embeddings of a language model) is listed once."""
-    decay, no_decay, seen = [], [], set()
-    for mod in module.modules():
+def param_groups(module: nn.Module, weight_decay: float, lr: float | None = None,
+                 lr_multipliers: dict[str, float] | None = None) -> list[dict]:
+    """Parameter groups: weights with ``weight_decay``; biases, normalisation parameters (any BatchNorm, GroupNorm,
+    LayerNorm) and other 1-d parameters without. ``lr_multipliers`` maps a parameter-name prefix to a learning-rate
+    factor (DAFormer's head at 10x lr), each group then carrying its own ``lr``. A parameter shared by two modules
+    (tied input/output embeddings of a language model) is listed once."""
+    multipliers = lr_multipliers or {}
+    groups: dict[tuple[bool, float], list] = {}
+    seen = set()
+    for module_name, mod in module.named_modules():
         for name, p in mod.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (no_decay if isinstance(mod, _NORM_TYPES) or name.endswith("bias") or p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            full_name = f"{module_name}.{name}" if module_name else name
+            no_decay = isinstance(mod, _NORM_TYPES) or name.endswith("bias") or p.ndim <= 1
+            factor = next((f for prefix, f in multipliers.items() if full_name.startswith(prefix)), 1.0)
+            groups.setdefault((no_decay, factor), []).append(p)
+    out = []
+    for (no_decay, factor), params in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        if lr is not None:
+            group["lr"] = lr * factor
+        out.append(group)
+    return out
 
 
 def warmup_cosine(step: int, total: int, warmup: int, cycles: float) -> float:
@@ -74,7 +89,7 @@ class ZooModule(L.LightningModule):
         self.momentum, self.nesterov, self.warmup_steps = momentum, nesterov, warmup_steps
         self.lr_schedule, self.cosine_cycles = lr_schedule, cosine_cycles
         self.ema_decay = ema_decay
-        self.ema = EMA(network, buffers=ema_buffers) if ema_decay is not None else None
+        self.ema = EMATeacher(network, buffers=ema_buffers) if ema_decay is not None else None
         self.compile = compile
 
     def configure_model(self) -> None:
@@ -125,6 +140,12 @@ class ZooModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, total, self.warmup_steps, self.cosine_cycles))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -------------------------------------------------------------- teachers
+    def teachers(self) -> dict[str, Teacher]:
+        """Every teacher of this module by attribute path (``ema``, FST's ``teacher``, ...): the submodules that are
+        a :class:`~zoo.core.teacher.Teacher`, so a paper declares nothing. The experiment sweep checks each one."""
+        return {name: module for name, module in self.named_modules() if isinstance(module, Teacher)}
 
     def ema_decay_at(self, step: int) -> float:
         """Decay used at optimizer step ``step``; papers with a teacher schedule override this."""

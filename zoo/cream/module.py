@@ -29,7 +29,8 @@ import torch
 
 from zoo.core.module import ZooModule
 from zoo.lm.generation import pack, sample, sequence_logprobs
-from zoo.lm.preference import consistency_rate, dpo_loss, global_mean
+from zoo.core.distributed import global_mean
+from zoo.lm.preference import consistency_rate, dpo_loss
 from zoo.lm.tiny import CausalLM
 
 __all__ = ["CREAM", "preference_pairs"]
@@ -58,11 +59,10 @@ class CREAM(ZooModule):
     def __init__(self, network: CausalLM, reference: CausalLM,
                  consistency: Literal["avg", "dyn", "none"] | float = "avg", beta: float = 0.1, num_samples: int = 5,
                  temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 768,
-                 eval_max_new_tokens: int = 768, score_batch_size: int = 64, seed: int = 0,
-                 optimizer: str = "adamw", lr: float = 1e-6, weight_decay: float = 0.01, warmup_steps: int = 0,
-                 lr_schedule: str = "cosine", cosine_cycles: float = 0.5, compile: bool = False):
-        super().__init__(network, optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         lr_schedule=lr_schedule, cosine_cycles=cosine_cycles, ema_decay=None, compile=compile)
+                 eval_max_new_tokens: int = 768, score_batch_size: int = 64, seed: int = 0, optimizer: str = "adamw",
+                 lr: float = 1e-6, weight_decay: float = 0.01, cosine_cycles: float = 0.5, **base):
+        super().__init__(network, optimizer=optimizer, lr=lr, weight_decay=weight_decay, cosine_cycles=cosine_cycles,
+                         ema_decay=None, **base)
         self.reference = reference.requires_grad_(False).eval()
         self.previous = copy.deepcopy(self.reference)  # M_{t-1}; M0 in the first round
         if isinstance(consistency, str) and consistency not in ("avg", "dyn", "none"):

@@ -43,14 +43,8 @@ class FixMatch(ZooModule):
         The optimisation arguments are the base's (see ``ZooModule``), with the paper's values as defaults.
     """
 
-    def __init__(self, network: nn.Module, threshold: float = 0.95, lambda_u: float = 1.0,
-                 optimizer: str = "sgd", lr: float = 0.03, weight_decay: float = 5e-4, momentum: float = 0.9,
-                 nesterov: bool = True, warmup_steps: int = 0, lr_schedule: str = "cosine",
-                 cosine_cycles: float = 7 / 16, ema_decay: float | None = 0.999, ema_buffers: str = "copy",
-                 compile: bool = False):
-        super().__init__(network, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                         nesterov=nesterov, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
-                         cosine_cycles=cosine_cycles, ema_decay=ema_decay, ema_buffers=ema_buffers, compile=compile)
+    def __init__(self, network: nn.Module, threshold: float = 0.95, lambda_u: float = 1.0, **base):
+        super().__init__(network, **base)
         self.threshold, self.lambda_u = threshold, lambda_u
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

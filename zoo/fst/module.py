@@ -15,8 +15,9 @@ real iteration: n = 1 + (r-1)(K+1) at the start of real iteration r >= 1); the f
 followed by an EMA update with 0.5; only parameters are saved and restored, so the AdamW moments advance K+1
 times per real iteration and BatchNorm statistics keep the virtual updates; the virtual steps share the real
 step's learning rate; the teacher averages parameters only and is never restored. The teacher lives in
-``self.teacher`` rather than the base's ``self.ema``: it moves inside the step, not once after it. Virtual steps
-run a second backward inside ``training_step``, so this module is single-process (the official code is too).
+``self.teacher`` (an ``EMATeacher``, moved only by its ``update``) rather than the base's ``self.ema``: it moves
+inside the step, not once after it. Virtual steps run a second backward inside ``training_step``, so this module
+is single-process (the official code is too).
 """
 from __future__ import annotations
 
@@ -25,21 +26,15 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from zoo.core.ema import EMA
-from zoo.core.segda import DAFormerSelfTraining, ema_alpha
+from zoo.core.teacher import EMATeacher
+from zoo.segda.host import DAFormerSelfTraining, ema_alpha
 
-__all__ = ["FST", "forwards_before", "lerp_parameters"]
+__all__ = ["FST", "forwards_before"]
 
 
 def forwards_before(real_step: int, ahead_steps: int) -> int:
     """Forward passes (the official ``local_iter``) before real iteration ``real_step``."""
     return 0 if real_step == 0 else 1 + (real_step - 1) * (ahead_steps + 1)
-
-
-@torch.no_grad()
-def lerp_parameters(teacher: nn.Module, parameters, alpha: float) -> None:
-    """teacher <- alpha * teacher + (1 - alpha) * parameters (parameters only, as the official ``_update_ema``)."""
-    torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in parameters], 1.0 - alpha)
 
 
 class FST(DAFormerSelfTraining):
@@ -52,35 +47,21 @@ class FST(DAFormerSelfTraining):
         The remaining arguments are the host's (see ``DAFormerSelfTraining``), with DAFormer's values.
     """
 
-    def __init__(self, network: nn.Module, variant: Literal["deep", "wide"] = "deep", ahead_steps: int = 3,
-                 alpha: float = 0.999, pseudo_threshold: float = 0.968, pseudo_weight_ignore_top: int = 15,
-                 pseudo_weight_ignore_bottom: int = 120, color_jitter_strength: float = 0.2,
-                 color_jitter_probability: float = 0.2, blur: bool = True, feature_distance_weight: float = 0.005,
-                 feature_distance_classes: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18),
-                 feature_distance_min_ratio: float = 0.75, lr: float = 6e-5, weight_decay: float = 0.01,
-                 head_lr_mult: float = 10.0, warmup_steps: int = 1500, warmup_ratio: float = 1e-6,
-                 poly_power: float = 1.0, log_images_every_n_steps: int = 1000, compile: bool = False):
-        super().__init__(network, alpha=alpha, pseudo_threshold=pseudo_threshold,
-                         pseudo_weight_ignore_top=pseudo_weight_ignore_top,
-                         pseudo_weight_ignore_bottom=pseudo_weight_ignore_bottom,
-                         color_jitter_strength=color_jitter_strength,
-                         color_jitter_probability=color_jitter_probability, blur=blur,
-                         feature_distance_weight=feature_distance_weight,
-                         feature_distance_classes=feature_distance_classes,
-                         feature_distance_min_ratio=feature_distance_min_ratio, lr=lr, weight_decay=weight_decay,
-                         head_lr_mult=head_lr_mult, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
-                         poly_power=poly_power, log_images_every_n_steps=log_images_every_n_steps, compile=compile)
+    def __init__(self, network: nn.Module, variant: Literal["deep", "wide"] = "deep", ahead_steps: int = 3, **host):
+        super().__init__(network, **host)
         if variant not in ("deep", "wide"):
             raise ValueError(f"variant must be 'deep' or 'wide', got {variant!r}")
         self.variant, self.ahead_steps = variant, ahead_steps
-        self.teacher = EMA(network, buffers="copy")  # moved inside the step: not the base's after-step EMA
+        self.teacher = EMATeacher(network)  # moved inside the step: not the base's after-step EMA
         self.ema = None
 
     def teacher_network(self) -> nn.Module:
         return self.teacher.module
 
     def update_teacher(self, parameters, forwards: int) -> None:
-        lerp_parameters(self.teacher.module, parameters, ema_alpha(forwards, self.alpha))
+        """teacher <- alpha teacher + (1 - alpha) parameters, with alpha from the forward count; tensors, not the
+        network, so that only parameters move (the official ``_update_ema``)."""
+        self.teacher.update(parameters, ema_alpha(forwards, self.alpha))
 
     def virtual_step(self, batch: dict) -> None:
         """One look-ahead step with the current teacher's labels, on the raw optimizer (no Lightning step count,

@@ -1,6 +1,6 @@
 """HIAST: Hard-aware Instance Adaptive Self-Training for unsupervised cross-domain semantic segmentation
 (Zhu, Bai, Wang et al., 2023; extends IAST, ECCV 2020), as an *online* variant on the shared mean-teacher host
-(``zoo.core.segda.DAFormerSelfTraining``).
+(``zoo.segda.host.DAFormerSelfTraining``).
 
 Three parts, each a pure function in ``rules.py``:
 
@@ -53,8 +53,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from zoo.core.segda import DAFormerSelfTraining
-from zoo.core.segdata import IGNORE
+from zoo.segda.host import DAFormerSelfTraining
+from zoo.segda.data import IGNORE
 
 from .rules import (gather_pixels, hard_aware_copy_paste, hard_classes_and_probabilities, ias_thresholds,
                     region_adaptive_losses, select_pseudo_labels, update_class_values)
@@ -84,20 +84,9 @@ class HIAST(DAFormerSelfTraining):
                  ias_init: float = 0.9, ias_cap: float = 0.999, class_value_momentum: float = 0.99,
                  hard_classes: int = 14, max_paste_images: int = 1, paste_drop_fraction: float = 0.1,
                  bank_size: int = 256, ce_weight: float = 1.0, kl_weight: float = 0.1, entropy_weight: float = 1.0,
-                 consistency_weight: float = 0.5, alpha: float = 0.999, color_jitter_strength: float = 0.2,
-                 color_jitter_probability: float = 0.2, blur: bool = True, feature_distance_weight: float = 0.0,
-                 feature_distance_classes: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18),
-                 feature_distance_min_ratio: float = 0.75, lr: float = 6e-5, weight_decay: float = 0.01,
-                 head_lr_mult: float = 10.0, warmup_steps: int = 1500, warmup_ratio: float = 1e-6,
-                 poly_power: float = 1.0, log_images_every_n_steps: int = 1000, compile: bool = False):
-        super().__init__(network, alpha=alpha, pseudo_weight_ignore_top=0, pseudo_weight_ignore_bottom=0,
-                         color_jitter_strength=color_jitter_strength,
-                         color_jitter_probability=color_jitter_probability, blur=blur,
-                         feature_distance_weight=feature_distance_weight,
-                         feature_distance_classes=feature_distance_classes,
-                         feature_distance_min_ratio=feature_distance_min_ratio, lr=lr, weight_decay=weight_decay,
-                         head_lr_mult=head_lr_mult, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
-                         poly_power=poly_power, log_images_every_n_steps=log_images_every_n_steps, compile=compile)
+                 consistency_weight: float = 0.5, feature_distance_weight: float = 0.0, **host):
+        super().__init__(network, pseudo_weight_ignore_top=0, pseudo_weight_ignore_bottom=0,
+                         feature_distance_weight=feature_distance_weight, **host)
         self.ias_alpha, self.ias_beta, self.ias_gamma, self.ias_cap = ias_alpha, ias_beta, ias_gamma, ias_cap
         self.class_value_momentum, self.hard_classes = class_value_momentum, hard_classes
         self.max_paste_images, self.paste_drop_fraction, self.bank_size = (

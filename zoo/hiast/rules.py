@@ -4,10 +4,10 @@ official code."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE = 255  # the ignore label (zoo.core.segdata.IGNORE)
+from zoo.core.distributed import concat_all_gather
+from zoo.segda.data import IGNORE
 
 __all__ = ["ias_thresholds", "select_pseudo_labels", "update_class_values", "hard_classes_and_probabilities",
            "choose_paste_source", "hard_aware_copy_paste", "region_adaptive_losses", "gather_pixels"]
@@ -112,11 +112,4 @@ def region_adaptive_losses(logits: torch.Tensor, pseudo_labels: torch.Tensor,
 
 def gather_pixels(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every rank's tensors concatenated along the batch (identity without torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensors
-    out = []
-    for x in tensors:
-        gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, x.contiguous())
-        out.append(torch.cat(gathered))
-    return tuple(out)
+    return tuple(concat_all_gather(x) for x in tensors)

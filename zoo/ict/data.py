@@ -6,19 +6,18 @@ uint8 until they reach the device, where they become ``x / 127.5 - 1``. Labels a
 """
 from __future__ import annotations
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from zoo.core.data import FixedLengthSampler, ViewDataset, dist_info
+from zoo.core.data import StreamDataModule, ViewDataset
 from zoo.core.datasets import ImageSet, load_image_set
 from zoo.core.views import Identity, WeakView
 
 __all__ = ["ImageDataModule"]
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(StreamDataModule):
     """Args:
         dataset: one of ``zoo.core.datasets.IMAGE_SETS`` (``cifar10``, ``cifar10_subset``, ``mnist``, ...).
         batch_size: global training batch per step.
@@ -74,32 +73,14 @@ class ImageDataModule(L.LightningDataModule):
         self.images("train")
 
     # ------------------------------------------------------------------ loaders
-    def _world(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else dist_info()
-
     def train_dataloader(self) -> DataLoader:
-        rank, world = self._world()
-        if self.batch_size % world:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by {world} processes")
         view = WeakView(pad_fraction=0.0, flip=True) if self.random_flip else Identity()
         dataset = ViewDataset(self.images("train"), self.images("train_labels"), {"image": view})
-        sampler = FixedLengthSampler(len(dataset), self.batch_size * self.steps_per_epoch, seed=self.sampler_seed,
-                                     rank=rank, world_size=world)
-        if self.trainer is not None:  # resuming mid-epoch: skip the batches this epoch already trained on
-            done = self.trainer.global_step * self.trainer.accumulate_grad_batches \
-                - self.trainer.current_epoch * self.steps_per_epoch
-            sampler.fast_forward(done * self.batch_size // world)
-        return DataLoader(dataset, batch_size=self.batch_size // world, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, pin_memory=self._pin(), persistent_workers=self.num_workers > 0)
+        return self.stream(dataset, self.batch_size, self.sampler_seed)
 
     def val_dataloader(self) -> DataLoader:
         dataset = ViewDataset(self.images("eval"), self.images("eval_labels"), {"image": Identity()})
-        sampler = DistributedSampler(dataset, shuffle=False) if self._world()[1] > 1 else None
-        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, num_workers=self.num_workers,
-                          pin_memory=self._pin(), persistent_workers=self.num_workers > 0)
-
-    def _pin(self) -> bool:
-        return self.pin_memory and torch.cuda.is_available()
+        return self.eval_loader(dataset, self.eval_batch_size)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """uint8 -> float in [-1, 1], on the device."""

@@ -71,14 +71,14 @@ def offline_fd(model: ICT, settings: dict, device: str) -> dict[str, float]:
     """The validation's Fréchet distances in the zoo classifier's features (see ``train_feature_net``)."""
     from torch import nn
 
-    from zoo.core.metrics import FrechetDistance
+    from zoo.core.metrics import frechet_distance
 
     from .data import ImageDataModule
     from .train_feature_net import load_feature_net
 
     data = ImageDataModule(**settings["data"]["init_args"])
     net = load_feature_net(data).to(device)
-    metrics = {steps: FrechetDistance(nn.Identity(), net.num_features).to(device) for steps in (1, 2)}
+    metrics = {steps: frechet_distance(nn.Identity(), net.num_features).to(device) for steps in (1, 2)}
     real_images = torch.from_numpy(data.images("eval")).permute(0, 3, 1, 2)
     for batch_idx, start in enumerate(range(0, len(real_images), data.eval_batch_size)):
         real = real_images[start:start + data.eval_batch_size].to(device).float() / 127.5 - 1.0

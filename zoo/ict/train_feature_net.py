@@ -78,7 +78,8 @@ def load_feature_net(data: ImageDataModule, train_if_missing: bool = True) -> Sm
         if not train_if_missing:
             raise FileNotFoundError(f"no feature classifier at {path}; run python -m zoo.ict.train_feature_net")
         start = time.time()
-        net, accuracy = train_feature_net(data)
+        with torch.enable_grad():  # callers evaluate under no_grad; the first call trains the classifier here
+            net, accuracy = train_feature_net(data)
         _save(net, accuracy, path)
         print(f"[ict] trained the FD feature classifier on {data.dataset} in {time.time() - start:.0f}s "
               f"(eval accuracy {accuracy:.3f}); cached at {path}", flush=True)

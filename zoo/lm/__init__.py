@@ -8,3 +8,5 @@
 - ``rounds``: the round driver (one epoch = sample -> score -> train on fresh prompts);
 - ``heads`` / ``embeddings``: sequence heads, reward-model and weak-to-strong losses, offline sentence embeddings.
 """
+
+LAYER = "family"  # core -> families -> papers; tests/test_layout.py checks the imports

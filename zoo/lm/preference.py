@@ -3,7 +3,6 @@
 - :func:`dpo_loss`: per-pair DPO loss ``-log sigmoid(beta * Delta)`` with a soft label ``label`` in [0, 1]
   (CREAM's consistency rate: ``label * l(Delta) + (1 - label) * l(-Delta)``; 1 = plain DPO) and optional per-pair
   ``weights``; returns the losses and the implicit rewards.
-- :func:`global_mean`: the mean of per-prompt values over all processes (CREAM's ``avg`` rate is a dataset mean).
 - :func:`ordinal_ranks` (``scipy.stats.rankdata(method="ordinal")``: ties broken by position) and
   :func:`kendall_tau` over rank rows without ties; :func:`consistency_rate` = ``(tau + 1) / 2`` per prompt.
 """
@@ -12,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dpo_loss", "ordinal_ranks", "kendall_tau", "consistency_rate", "global_mean"]
+__all__ = ["dpo_loss", "ordinal_ranks", "kendall_tau", "consistency_rate"]
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
@@ -45,11 +44,3 @@ def kendall_tau(ranks_a: torch.Tensor, ranks_b: torch.Tensor) -> torch.Tensor:
 def consistency_rate(scores_current: torch.Tensor, scores_previous: torch.Tensor) -> torch.Tensor:
     """CREAM's per-prompt consistency of two models' rankings of the same N responses, in [0, 1]."""
     return (kendall_tau(ordinal_ranks(scores_current), ordinal_ranks(scores_previous)) + 1) / 2
-
-
-def global_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over every process's values (processes may hold different counts)."""
-    totals = torch.stack([values.sum(), torch.tensor(float(values.numel()), dtype=values.dtype)]).to(torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
-    return (totals[0] / totals[1]).to(values.dtype)

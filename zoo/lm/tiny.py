@@ -17,14 +17,13 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from zoo.core.data import FixedLengthSampler, dist_info
+from zoo.core.data import StreamDataModule
 from zoo.core.module import ZooModule
 
 from .corpora import load_corpus, load_prompts
@@ -149,10 +148,9 @@ class CausalLMTraining(ZooModule):
     expected_metrics = ("val/loss", "val/ppl")
 
     def __init__(self, network: CausalLM, optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.1,
-                 warmup_steps: int = 100, lr_schedule: str = "cosine", cosine_cycles: float = 0.5,
-                 compile: bool = False):
+                 warmup_steps: int = 100, cosine_cycles: float = 0.5, **base):
         super().__init__(network, optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         lr_schedule=lr_schedule, cosine_cycles=cosine_cycles, ema_decay=None, compile=compile)
+                         cosine_cycles=cosine_cycles, ema_decay=None, **base)
 
     def _loss(self, batch: dict) -> torch.Tensor:
         logits = self.network(batch["input_ids"], batch["attention_mask"])
@@ -186,9 +184,10 @@ class _Windows(Dataset):
                 "loss_mask": torch.ones_like(window)}
 
 
-class TextDataModule(L.LightningDataModule):
-    """Byte-level pre-training on a corpus: ``steps_per_epoch`` batches of random ``block_size`` windows from the
-    first 90% of the text; validation on ``val_windows`` evenly spaced windows of the last 10%."""
+class TextDataModule(StreamDataModule):
+    """Byte-level pre-training on a corpus: ``steps_per_epoch`` global batches of ``batch_size`` random
+    ``block_size`` windows from the first 90% of the text; validation on ``val_windows`` evenly spaced windows of the
+    last 10%."""
 
     def __init__(self, corpus: str = "tiny_shakespeare", block_size: int = 128, batch_size: int = 32,
                  eval_batch_size: int = 64, steps_per_epoch: int = 500, val_windows: int = 128, num_workers: int = 0,
@@ -199,23 +198,18 @@ class TextDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.dataset = corpus
 
-    def setup(self, stage: str) -> None:
+    def setup(self, stage: str | None = None) -> None:
         ids = np.frombuffer(load_corpus(self.corpus).encode("utf-8"), dtype=np.uint8).astype(np.int64) + 3
         cut = int(len(ids) * 0.9)  # ByT5 ids are bytes + 3 (pad, eos, unk come first)
         self.train_set, self.val_ids = _Windows(ids[:cut], self.block_size), ids[cut:]
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = dist_info()
-        draws = self.steps_per_epoch * self.batch_size
-        sampler = FixedLengthSampler(len(self.train_set), draws, self.seed, rank, world)
-        sampler.set_epoch(self.trainer.current_epoch if self.trainer else 0)
-        return DataLoader(self.train_set, batch_size=self.batch_size // world, sampler=sampler,
-                          num_workers=self.num_workers, drop_last=True)
+        return self.stream(self.train_set, self.batch_size, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         windows = _Windows(self.val_ids, self.block_size)
         starts = np.linspace(0, len(windows) - 1, self.val_windows).astype(int).tolist()
-        return DataLoader(torch.utils.data.Subset(windows, starts), batch_size=self.eval_batch_size)
+        return self.eval_loader(Subset(windows, starts), self.eval_batch_size)
 
 
 class _Pairs(Dataset):
@@ -242,12 +236,13 @@ def collate_sft(examples: list[dict], pad_id: int) -> dict:
             "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(StreamDataModule):
     """Supervised fine-tuning on the labelled split of a prompt set (``sft``), validated on its ``test`` split.
 
     Args:
         task: a name accepted by :func:`zoo.lm.corpora.load_prompts` (``gsm8k_arithmetic``, ``gsm8k``).
         num_examples: how many labelled examples (None = all).
+        batch_size: global batch per step (split across processes).
     """
 
     def __init__(self, task: str = "gsm8k_arithmetic", num_examples: int | None = None, batch_size: int = 32,
@@ -259,7 +254,7 @@ class SFTDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.dataset = task
 
-    def setup(self, stage: str) -> None:
+    def setup(self, stage: str | None = None) -> None:
         tokenizer = self.trainer.lightning_module.network.tokenizer
         self.pad_id = tokenizer.pad_token_id
         self.train_set = _Pairs(load_prompts(self.task, "sft")[: self.num_examples], tokenizer)
@@ -269,12 +264,7 @@ class SFTDataModule(L.LightningDataModule):
         return collate_sft(examples, self.pad_id)
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = dist_info()
-        draws = self.steps_per_epoch * self.batch_size
-        sampler = FixedLengthSampler(len(self.train_set), draws, self.seed, rank, world)
-        sampler.set_epoch(self.trainer.current_epoch)
-        return DataLoader(self.train_set, batch_size=self.batch_size // world, sampler=sampler,
-                          num_workers=self.num_workers, collate_fn=self._collate, drop_last=True)
+        return self.stream(self.train_set, self.batch_size, self.seed, collate_fn=self._collate)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, collate_fn=self._collate)
+        return self.eval_loader(self.val_set, self.eval_batch_size, collate_fn=self._collate)

@@ -33,7 +33,7 @@ from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.core.module import ZooModule
-from zoo.core.segda import ema_alpha, strong_transform, teacher_mode
+from zoo.segda.host import ema_alpha, strong_transform, teacher_mode
 from zoo.mic.module import mask_images
 
 __all__ = ["MICClassification", "BottleneckClassifier", "ViTBackbone", "DomainDiscriminator", "cdan_loss",
@@ -73,7 +73,7 @@ class ViTBackbone(nn.Module):
         super().__init__()
         from transformers import ViTConfig, ViTModel
 
-        from zoo.core.segda import MissingWeightsError
+        from zoo.segda.networks import MissingWeightsError
 
         if pretrained:
             try:
@@ -162,12 +162,11 @@ class MICClassification(ZooModule):
                  color_jitter_probability: float = 0.2, blur: bool = True, source_only: bool = False,
                  rho: float = 0.02, trade_off: float = 1.0, temperature: float = 2.0,
                  discriminator_hidden: int = 1024, grl_max_iters: int = 1000, lr: float = 0.002,
-                 momentum: float = 0.9, weight_decay: float = 1e-3, lr_gamma: float = 0.001, lr_decay: float = 0.75,
-                 backbone_lr_mult: float = 0.1, per_class_accuracy: bool = True, compile: bool = False):
+                 weight_decay: float = 1e-3, lr_gamma: float = 0.001, lr_decay: float = 0.75,
+                 backbone_lr_mult: float = 0.1, per_class_accuracy: bool = True, **base):
         uses_teacher = mask_lambda > 0 and not source_only
-        super().__init__(network, optimizer="sgd", lr=lr, weight_decay=weight_decay, momentum=momentum,
-                         nesterov=True, ema_decay=alpha if uses_teacher else None, ema_buffers="copy",
-                         compile=compile)
+        super().__init__(network, optimizer="sgd", lr=lr, weight_decay=weight_decay, nesterov=True,
+                         ema_decay=alpha if uses_teacher else None, ema_buffers="copy", **base)
         self.mask_block_size, self.mask_ratio, self.mask_lambda = mask_block_size, mask_ratio, mask_lambda
         self.alpha = alpha
         self.color_jitter_strength, self.color_jitter_probability, self.blur = (

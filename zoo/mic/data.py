@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import random
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from zoo.core.data import FixedLengthSampler, dist_info
-from zoo.core.datasets import MissingDatasetError, data_root, load_image_set
-from zoo.core.segdata import IMAGENET_MEAN, IMAGENET_STD
+from zoo.core.data import StreamDataModule
+from zoo.core.datasets import IMAGENET_MEAN, IMAGENET_STD, MissingDatasetError, data_root, load_image_set
 
 __all__ = ["DomainAdaptationDataModule", "VISDA_CLASSES"]
 
@@ -96,7 +94,7 @@ DOMAINS = {"mnist": lambda split: _digits("mnist", split), "usps": lambda split:
            "visda_real": lambda split: _visda("real", split)}
 
 
-class DomainAdaptationDataModule(L.LightningDataModule):
+class DomainAdaptationDataModule(StreamDataModule):
     """Labelled source + unlabelled target streams, both ``batch_size`` per step; evaluation on the target.
 
     VisDA-2017's real domain is both the unlabelled target and the evaluation set (its validation split), as
@@ -123,30 +121,13 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
-    def _loader_kwargs(self) -> dict:
-        return dict(num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-                    persistent_workers=self.num_workers > 0)
-
-    def _stream(self, domain: str, stream_seed: int) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else dist_info()
-        if self.batch_size % world:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by {world} processes")
-        sampler = FixedLengthSampler(len(self.sets[domain]), self.batch_size * self.steps_per_epoch,
-                                     self.sampler_seed * 2 + stream_seed, rank, world)
-        if self.trainer is not None:
-            done = self.trainer.global_step - self.trainer.current_epoch * self.steps_per_epoch
-            sampler.fast_forward(done * self.batch_size // world)
-        return DataLoader(self.sets[domain], batch_size=self.batch_size // world, sampler=sampler, drop_last=True,
-                          **self._loader_kwargs())
-
     def train_dataloader(self):
-        return CombinedLoader({"source": self._stream("source", 0), "target": self._stream("target", 1)},
+        return CombinedLoader({"source": self.stream(self.sets["source"], self.batch_size, self.sampler_seed * 2),
+                               "target": self.stream(self.sets["target"], self.batch_size, self.sampler_seed * 2 + 1)},
                               mode="min_size")
 
     def val_dataloader(self):
-        dataset = self.sets["val"]
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if dist_info()[1] > 1 else None
-        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())
+        return self.eval_loader(self.sets["val"], self.eval_batch_size)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         def convert(item):

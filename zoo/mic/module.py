@@ -1,6 +1,6 @@
 """MIC: Masked Image Consistency for Context-Enhanced Domain Adaptation (Hoyer et al., CVPR 2023), segmentation.
 
-On top of DAFormer's self-training (``zoo.core.segda.DAFormerSelfTraining``), the student also learns to predict
+On top of DAFormer's self-training (``zoo.segda.host.DAFormerSelfTraining``), the student also learns to predict
 the EMA teacher's pseudo-labels of a target crop from a *masked* copy of it, so it must use the context of the
 visible regions to recover the hidden ones:
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.core.segda import DAFormerSelfTraining, pixel_cross_entropy
+from zoo.segda.host import DAFormerSelfTraining, pixel_cross_entropy
 
 __all__ = ["MIC", "block_mask", "mask_images"]
 
@@ -54,24 +54,8 @@ class MIC(DAFormerSelfTraining):
     """
 
     def __init__(self, network: nn.Module, mask_block_size: int = 32, mask_ratio: float = 0.7,
-                 mask_lambda: float = 1.0, alpha: float = 0.999, pseudo_threshold: float = 0.968,
-                 pseudo_weight_ignore_top: int = 15, pseudo_weight_ignore_bottom: int = 120,
-                 color_jitter_strength: float = 0.2, color_jitter_probability: float = 0.2, blur: bool = True,
-                 feature_distance_weight: float = 0.005,
-                 feature_distance_classes: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18),
-                 feature_distance_min_ratio: float = 0.75, lr: float = 6e-5, weight_decay: float = 0.01,
-                 head_lr_mult: float = 10.0, warmup_steps: int = 1500, warmup_ratio: float = 1e-6,
-                 poly_power: float = 1.0, log_images_every_n_steps: int = 1000, compile: bool = False):
-        super().__init__(network, alpha=alpha, pseudo_threshold=pseudo_threshold,
-                         pseudo_weight_ignore_top=pseudo_weight_ignore_top,
-                         pseudo_weight_ignore_bottom=pseudo_weight_ignore_bottom,
-                         color_jitter_strength=color_jitter_strength,
-                         color_jitter_probability=color_jitter_probability, blur=blur,
-                         feature_distance_weight=feature_distance_weight,
-                         feature_distance_classes=feature_distance_classes,
-                         feature_distance_min_ratio=feature_distance_min_ratio, lr=lr, weight_decay=weight_decay,
-                         head_lr_mult=head_lr_mult, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
-                         poly_power=poly_power, log_images_every_n_steps=log_images_every_n_steps, compile=compile)
+                 mask_lambda: float = 1.0, **host):
+        super().__init__(network, **host)
         self.mask_block_size, self.mask_ratio, self.mask_lambda = mask_block_size, mask_ratio, mask_lambda
 
     def extra_target_loss(self, target: dict, pseudo_labels: torch.Tensor, pseudo_weight: torch.Tensor):

@@ -63,10 +63,9 @@ class RAFT(ZooModule):
                  top_reward_percentage: float = 0.2, output_min_length: int = 16, output_max_length: int = 48,
                  temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, mask_prompt: bool = True,
                  eval_max_new_tokens: int = 48, seed: int = 0, optimizer: str = "adamw", lr: float = 2e-5,
-                 weight_decay: float = 0.0, warmup_steps: int = 0, lr_schedule: str = "constant",
-                 compile: bool = False):
-        super().__init__(network, optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         lr_schedule=lr_schedule, ema_decay=None, compile=compile)
+                 weight_decay: float = 0.0, lr_schedule: str = "constant", **base):
+        super().__init__(network, optimizer=optimizer, lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule,
+                         ema_decay=None, **base)
         self.reward = reward
         self.selection, self.top_reward_percentage = selection, top_reward_percentage
         self.output_min_length, self.output_max_length = output_min_length, output_max_length

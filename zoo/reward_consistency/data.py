@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.core.data import FixedLengthSampler
+from zoo.core.data import StreamDataModule
 from zoo.core.datasets import _require
 from zoo.lm.embeddings import CosineIndex, SentenceEmbedder
 from zoo.lm.heads import load_tokenizer
@@ -114,7 +113,7 @@ class _Texts(Dataset):
         return {"idx": index, "input_ids": self.ids[index]}
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(StreamDataModule):
     """Training batches ``{"idx", "input_ids", "attention_mask"}`` (B chosen rows, then their B rejected rows);
     validation batches of evaluation texts (same keys); ``self.plan`` says how they are compared.
 
@@ -126,6 +125,8 @@ class PreferenceDataModule(L.LightningDataModule):
         augment_pairs, augment_variants: ConvexDA's first 500 pairs, 5 copies each.
         reward_fusion: also plan RewardFusion's fused rewards (``fusion_top_k`` 5, ``fusion_threshold`` 0.9).
         contrast_min_similarity: ``hh_rlhf`` contrast pairs need at least this prompt similarity.
+        batch_size: global number of training pairs per step (split across processes).
+        steps_per_epoch: optimizer steps per epoch (default: one pass over the pairs, ``len(pairs) // batch_size``).
     """
 
     def __init__(self, task: str = "hh_rlhf", tokenizer: str = "minilm", max_length: int = 128, n_test: int = 512,
@@ -167,6 +168,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_set = _Pairs(encode([self.text(p["q"], p["chosen"]) for p in train]),
                                 encode([self.text(p["q"], p["rejected"]) for p in train]))
         self.num_train_pairs, self.num_contrast = len(train), len(contrast)
+        if self.steps_per_epoch is None:  # one pass over the training pairs, in global batches
+            self.steps_per_epoch = len(self.train_set) // self.batch_size
         self._plan_evaluation(original, test, contrast, embedder)
 
     def _plan_evaluation(self, train, test, contrast, embedder) -> None:
@@ -239,13 +242,13 @@ class PreferenceDataModule(L.LightningDataModule):
                 **self._collate_texts([it["input_ids"] for it in items])}
 
     def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer else 1
-        rank = self.trainer.global_rank if self.trainer else 0
-        steps = self.steps_per_epoch or len(self.train_set) // (self.batch_size * world)
-        sampler = FixedLengthSampler(len(self.train_set), steps * self.batch_size * world, self.seed, rank, world)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_pairs,
-                          num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(self.train_set)} training pairs are fewer than one batch of {self.batch_size}: "
+                             f"raise n_train or lower batch_size")
+        return self.stream(self.train_set, self.batch_size, self.seed, collate_fn=self.collate_pairs)
 
     def val_dataloader(self) -> DataLoader:
+        """The whole table on every process: the module fills its rewards by row and compares rows of ``plan``
+        without gathering, so the evaluation set is not sharded."""
         return DataLoader(self.eval_set, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate_texts,
                           num_workers=self.num_workers)

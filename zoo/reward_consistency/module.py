@@ -58,9 +58,9 @@ class RewardModel(ZooModule):
     expected_metrics = ("train/loss", "val/rm_acc", "val/instruction_consistency", "val/response_consistency")
 
     def __init__(self, network: nn.Module, optimizer: str = "adamw", lr: float = 2e-5, weight_decay: float = 0.001,
-                 warmup_steps: int = 0, lr_schedule: str = "cosine", cosine_cycles: float = 0.5, compile: bool = False):
-        super().__init__(network, optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         lr_schedule=lr_schedule, cosine_cycles=cosine_cycles, ema_decay=None, compile=compile)
+                 cosine_cycles: float = 0.5, **base):
+        super().__init__(network, optimizer=optimizer, lr=lr, weight_decay=weight_decay, cosine_cycles=cosine_cycles,
+                         ema_decay=None, **base)
 
     @property
     def zero_grad_parameters(self) -> tuple[str, ...]:

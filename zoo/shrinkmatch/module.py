@@ -31,13 +31,13 @@ because its name filter looks for 'bn').
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.fixmatch.module import FixMatch
+from zoo.core.distributed import mean_over_ranks
+from zoo.core.module import ZooModule
 
-__all__ = ["ShrinkMatch", "auxiliary_head", "mean_over_ranks", "distribution_alignment", "certain_loss",
+__all__ = ["ShrinkMatch", "auxiliary_head", "distribution_alignment", "certain_loss",
            "shrunk_class_space", "shrink_loss", "updated_certain_ratio"]
 
 
@@ -46,15 +46,6 @@ def auxiliary_head(in_features: int, num_classes: int, hidden_divisor: int = 4) 
     return nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.1),
                          nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.1),
                          nn.Linear(hidden, num_classes))
-
-
-def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over all processes (every rank holds an equal-sized share of the global batch)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, x.contiguous())
-    return torch.stack(gathered).mean(0)
 
 
 @torch.no_grad()
@@ -112,7 +103,7 @@ def updated_certain_ratio(ema: torch.Tensor, ratio: torch.Tensor, decay: float, 
     return ratio.clone() if restart else ema * decay + ratio * (1 - decay)
 
 
-class ShrinkMatch(FixMatch):
+class ShrinkMatch(ZooModule):
     """ShrinkMatch. Defaults are the paper's CIFAR setting (the official ``--DA`` run).
 
     Args:
@@ -137,14 +128,9 @@ class ShrinkMatch(FixMatch):
     def __init__(self, network: nn.Module, threshold: float = 0.95, lambda_u: float = 1.0,
                  distribution_alignment: bool = True, da_queue_length: int = 32, soft_targets: bool = True,
                  certain_ratio_decay: float = 0.999, reset_certain_ratio_each_epoch: bool = True,
-                 aux_hidden_divisor: int = 4, optimizer: str = "sgd", lr: float = 0.03, weight_decay: float = 5e-4,
-                 momentum: float = 0.9, nesterov: bool = True, warmup_steps: int = 0, lr_schedule: str = "cosine",
-                 cosine_cycles: float = 7 / 16, ema_decay: float | None = 0.999, ema_buffers: str = "copy",
-                 compile: bool = False):
-        super().__init__(network, threshold=threshold, lambda_u=lambda_u, optimizer=optimizer, lr=lr,
-                         weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, warmup_steps=warmup_steps,
-                         lr_schedule=lr_schedule, cosine_cycles=cosine_cycles, ema_decay=ema_decay,
-                         ema_buffers=ema_buffers, compile=compile)
+                 aux_hidden_divisor: int = 4, **base):
+        super().__init__(network, **base)
+        self.threshold, self.lambda_u = threshold, lambda_u
         num_classes = network.classifier.out_features
         self.aux_head = auxiliary_head(network.num_features, num_classes, aux_hidden_divisor)
         self.use_da, self.soft_targets = distribution_alignment, soft_targets
@@ -185,3 +171,6 @@ class ShrinkMatch(FixMatch):
                        "train/shrunk_start_rank": (start * uncertain).sum() / num_uncertain,
                        "train/pseudo_label_acc": (correct * mask).sum() / mask.sum().clamp_min(1)})
         return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self.classifier_validation_step(batch)

@@ -1,6 +1,6 @@
 """SimMatchV2's graph consistencies, pseudo-labels and memory-bank updates as pure torch functions.
 
-They import only torch, so the parity tests and the 2-process bank test call them without Lightning. Each one
+They import only torch and the zoo's collectives, so the parity tests and the 2-process bank test call them without Lightning. Each one
 mirrors a piece of the official ``models/simmatchv2.py`` / ``main.py`` (see ``module.py`` for where).
 """
 from __future__ import annotations
@@ -8,22 +8,13 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["concat_all_gather", "distribution_alignment", "graph_pseudo_labels", "node_node_loss", "edge_edge_loss",
+from zoo.core.distributed import concat_all_gather
+
+__all__ = ["distribution_alignment", "graph_pseudo_labels", "node_node_loss", "edge_edge_loss",
            "node_edge_loss", "update_labeled_bank", "update_unlabeled_bank", "finite_or_zero", "batch_statistics"]
-
-
-@torch.no_grad()
-def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``tensor`` concatenated in rank order (the tensor itself outside distributed runs)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
 
 
 @torch.no_grad()

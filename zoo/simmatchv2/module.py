@@ -90,14 +90,8 @@ class SimMatchV2(ZooModule):
                  threshold: float = 0.7, temperature: float = 0.1, alpha: float = 0.1, topn: int = 128,
                  bank_batches: int = 256, lambda_nn: float = 10.0, lambda_ee: float = 5.0, lambda_ne: float = 5.0,
                  distribution_alignment: bool = True, da_momentum: float = 0.9, teacher_batch_stats: bool = True,
-                 optimizer: str = "sgd", lr: float = 0.03, weight_decay: float = 5e-4, momentum: float = 0.9,
-                 nesterov: bool = True, warmup_steps: int = 0, lr_schedule: str = "cosine",
-                 cosine_cycles: float = 7 / 16, ema_decay: float = 0.999, ema_buffers: str = "copy",
-                 compile: bool = False):
-        super().__init__(GraphNet(network, embedding_dim, feature_norm), optimizer=optimizer, lr=lr,
-                         weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, warmup_steps=warmup_steps,
-                         lr_schedule=lr_schedule, cosine_cycles=cosine_cycles, ema_decay=ema_decay,
-                         ema_buffers=ema_buffers, compile=compile)
+                 **base):
+        super().__init__(GraphNet(network, embedding_dim, feature_norm), **base)
         self.threshold, self.temperature, self.alpha, self.topn = threshold, temperature, alpha, topn
         self.bank_batches = bank_batches
         self.lambda_nn, self.lambda_ee, self.lambda_ne = lambda_nn, lambda_ee, lambda_ne

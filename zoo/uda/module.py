@@ -93,13 +93,9 @@ class UDA(ZooModule):
     """
 
     def __init__(self, network: nn.Module, temperature: float = 0.4, threshold: float = 0.8, lambda_u: float = 1.0,
-                 tsa_schedule: TSASchedule = "none", optimizer: str = "sgd", lr: float = 0.03,
-                 weight_decay: float = 5e-4, momentum: float = 0.9, nesterov: bool = True, warmup_steps: int = 0,
-                 lr_schedule: str = "cosine", cosine_cycles: float = 7 / 16, ema_decay: float | None = 0.9999,
-                 ema_buffers: str = "average", compile: bool = False):
-        super().__init__(network, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                         nesterov=nesterov, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
-                         cosine_cycles=cosine_cycles, ema_decay=ema_decay, ema_buffers=ema_buffers, compile=compile)
+                 tsa_schedule: TSASchedule = "none", ema_decay: float | None = 0.9999, ema_buffers: str = "average",
+                 **base):
+        super().__init__(network, ema_decay=ema_decay, ema_buffers=ema_buffers, **base)
         if tsa_schedule not in ("none", "linear", "log", "exp"):
             raise ValueError(f"unknown tsa_schedule {tsa_schedule!r}; use none, linear, log or exp")
         self.temperature, self.threshold, self.lambda_u = temperature, threshold, lambda_u

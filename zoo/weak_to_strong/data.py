@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.core.data import FixedLengthSampler
+from zoo.core.data import StreamDataModule
 from zoo.lm.heads import load_tokenizer
 from zoo.lm.text_datasets import load_ag_news, load_hh_rlhf
 from zoo.lm.tiny import pad_right
@@ -56,7 +55,7 @@ class TokenizedSet(Dataset):
                 "soft_label": self.soft_labels[index]}
 
 
-class WeakToStrongDataModule(L.LightningDataModule):
+class WeakToStrongDataModule(StreamDataModule):
     """Batches ``{"idx", "input_ids", "attention_mask", "label" (ground truth), "soft_label" (training target)}``.
 
     Args:
@@ -67,7 +66,8 @@ class WeakToStrongDataModule(L.LightningDataModule):
             required for ``half2``, whose ground truth is never trained on.
         n_docs, n_test_docs: training docs (both halves) and test docs (20000 / 10000 in ``train_simple``).
         max_length: tokens kept per doc (``max_ctx``: the official code drops longer docs; here they are truncated).
-        steps_per_epoch: optimizer steps per epoch (default: one pass over the half).
+        batch_size: global training batch per step (split across processes).
+        steps_per_epoch: optimizer steps per epoch (default: one pass over the half, ``len(half) // batch_size``).
     """
 
     def __init__(self, task: str = "ag_news", tokenizer: str = "minilm", split: str = "half1",
@@ -107,6 +107,8 @@ class WeakToStrongDataModule(L.LightningDataModule):
                 raise ValueError(f"{self.weak_labels}: expected soft labels of shape {(len(self.half2_inputs), 2)}, "
                                  f"got {tuple(soft.shape)} (written for another task, seed or n_docs?)")
             self.train_set = TokenizedSet(ids[half2], labels[half2], soft.float().numpy())
+        if self.steps_per_epoch is None:  # one pass over the training half, in global batches
+            self.steps_per_epoch = len(self.train_set) // self.batch_size
 
     def collate(self, items: list[dict]) -> dict:
         input_ids, attention_mask = pad_right([it["input_ids"] for it in items], self.tokenizer.pad_token_id)
@@ -115,20 +117,16 @@ class WeakToStrongDataModule(L.LightningDataModule):
                 "soft_label": torch.tensor(np.stack([it["soft_label"] for it in items]))}
 
     def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer else 1
-        rank = self.trainer.global_rank if self.trainer else 0
-        steps = self.steps_per_epoch or len(self.train_set) // (self.batch_size * world)
-        sampler = FixedLengthSampler(len(self.train_set), steps * self.batch_size * world, self.seed, rank, world)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
-                          num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0)
-
-    def _ordered(self, dataset: Dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the training half has {len(self.train_set)} docs, fewer than one batch of "
+                             f"{self.batch_size}: raise n_docs or lower batch_size")
+        return self.stream(self.train_set, self.batch_size, self.seed, collate_fn=self.collate)
 
     def val_dataloader(self) -> DataLoader:
-        return self._ordered(self.test_set)
+        return self.eval_loader(self.test_set, self.eval_batch_size, collate_fn=self.collate)
 
     def predict_dataloader(self) -> DataLoader:
-        """Half 2's inputs, in order: the weak supervisor's predictions on them become the weak labels."""
-        return self._ordered(self.half2_inputs)
+        """Half 2's inputs, in order and whole on every process: the weak supervisor's predictions on them become
+        the weak labels (:func:`zoo.weak_to_strong.pgr.save_weak_labels` reads one process's outputs)."""
+        return DataLoader(self.half2_inputs, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
+                          num_workers=self.num_workers)

@@ -52,10 +52,9 @@ class WeakToStrong(ZooModule):
     def __init__(self, network: nn.Module, loss: Literal["xent", "logconf", "product"] = "xent",
                  aux_coef: float = 0.5, warmup_frac: float = 0.1, product_alpha: float = 1.0,
                  product_beta: float = 1.0, train_with_dropout: bool = False, optimizer: str = "adamw",
-                 lr: float = 5e-5, weight_decay: float = 0.0, warmup_steps: int = 0, lr_schedule: str = "cosine",
-                 cosine_cycles: float = 0.5, compile: bool = False):
-        super().__init__(network, optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         lr_schedule=lr_schedule, cosine_cycles=cosine_cycles, ema_decay=None, compile=compile)
+                 lr: float = 5e-5, weight_decay: float = 0.0, cosine_cycles: float = 0.5, **base):
+        super().__init__(network, optimizer=optimizer, lr=lr, weight_decay=weight_decay, cosine_cycles=cosine_cycles,
+                         ema_decay=None, **base)
         if loss not in ("xent", "logconf", "product"):
             raise ValueError(f"unknown loss {loss!r}; use xent, logconf or product")
         self.loss_name, self.aux_coef, self.warmup_frac = loss, aux_coef, warmup_frac

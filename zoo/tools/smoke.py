@@ -1,4 +1,4 @@
-"""``python -m zoo.core.smoke experiments/X.yaml [--key=value ...]``: a few training steps at tiny sizes.
+"""``python -m zoo.tools.smoke experiments/X.yaml [--key=value ...]``: a few training steps at tiny sizes.
 
 The overrides are generic (trainer limits, and the data module's batch/worker/epoch sizes when it has those
 arguments), so every experiment file gets the same treatment from ``make smoke`` and from the test suite.
@@ -30,18 +30,20 @@ def data_overrides(config: dict, sizes: dict = SMOKE_DATA) -> list[str]:
     return [f"--data.init_args.{k}={v}" for k, v in sizes.items() if k in accepted]
 
 
-def smoke_args(config_path: str, run_root: str, subcommand: bool = True) -> list[str]:
-    """CLI arguments for a smoke run; ``subcommand=False`` for ``ZooCLI(run=False)`` (no ``fit``)."""
+def smoke_args(config_path: str, run_root: str, subcommand: bool = True, overlays: list[str] = ()) -> list[str]:
+    """CLI arguments for a smoke run; ``subcommand=False`` for ``ZooCLI(run=False)`` (no ``fit``). ``overlays``
+    (``--config`` pairs, e.g. the offline stand-in) come right after the experiment, before the tiny sizes."""
     with open(config_path) as f:
         config = yaml.safe_load(f)
-    return ["fit"] * subcommand + ["--config", config_path, *SMOKE_TRAINER, f"--run.root={run_root}", *data_overrides(config)]
+    return ["fit"] * subcommand + ["--config", config_path, *overlays, *SMOKE_TRAINER, f"--run.root={run_root}",
+                                   *data_overrides(config)]
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        raise SystemExit("usage: python -m zoo.core.smoke experiments/X.yaml [--key=value ...]")
-    from .cli import ZooCLI
+        raise SystemExit("usage: python -m zoo.tools.smoke experiments/X.yaml [--key=value ...]")
+    from zoo.core.cli import ZooCLI
 
     with tempfile.TemporaryDirectory(prefix="zoo-smoke-") as root:
         ZooCLI(args=smoke_args(argv[0], root) + argv[1:])

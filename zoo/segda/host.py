@@ -21,33 +21,33 @@ with probability 0.8), the jitter factors and blur sigma are drawn per image. Cl
 of the *whole source batch* (``torch.unique(labels)`` in ``get_class_masks``), the ignore label included. Pixel CE
 is averaged over all pixels, ignored ones counting as 0 (mmseg's ``weight_reduce_loss``). The reported model is
 the student (DAFormer evaluates ``get_model()``); ``val/ema_miou`` reports the teacher as well.
-Differences: colour jitter uses torchvision's ColorJitter (brightness, contrast, saturation, hue = s in a random
-order) instead of kornia's, the same family of transforms; one summed backward replaces DAFormer's per-loss
-backward calls (same gradients).
+Differences: one summed backward replaces DAFormer's per-loss backward calls (same gradients); the official code's
+``kornia.augmentation.ColorJitter`` (kornia 0.5) is today's ``ColorJiggle`` (kornia 0.6 renamed it and gave the
+name ``ColorJitter`` to torchvision's formulas: multiplicative instead of additive brightness), so that is used.
 """
 from __future__ import annotations
 
 import contextlib
-from abc import ABC, abstractmethod
 import copy
 import random
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms.v2 as T
-import torchvision.transforms.v2.functional as TF
-from lightning.pytorch.loggers import WandbLogger
+from kornia.augmentation import ColorJiggle
+from kornia.filters import gaussian_blur2d
 
-from .metrics import mean_iou
-from .module import ZooModule
-from .segdata import IGNORE, IMAGENET_MEAN, IMAGENET_STD
+from zoo.core.media import wandb_loggers
+from zoo.core.metrics import mean_iou
+from zoo.core.module import ZooModule, param_groups
+
+from .data import IGNORE, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ema_alpha", "pseudo_label_and_weight", "class_mix_masks", "one_mix", "strong_transform",
            "pixel_cross_entropy", "blur_kernel_size", "downscale_label_ratio", "feature_distance", "poly_warmup",
-           "DAFormerHead", "SmallDAFormer", "SegFormerDAFormer", "MissingWeightsError", "DAFormerSelfTraining", "teacher_mode"]
+           "DAFormerSelfTraining", "teacher_mode"]
 
 
 # ----------------------------------------------------------------------------------------- pure rules
@@ -88,20 +88,22 @@ def blur_kernel_size(side: int) -> int:
 
 def strong_transform(images: torch.Tensor, jitter_draw: float, blur_draw: float, strength: float = 0.2,
                      jitter_p: float = 0.2, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """DAFormer's colour jitter + Gaussian blur on normalised images. The on/off draws are shared by the batch
-    (jitter when ``jitter_draw > jitter_p``, blur when ``blur_draw > 0.5``); factors and sigma are per image; the
-    blur kernel is the odd size nearest to 10 % of each side, sigma ~ U(0.15, 1.15)."""
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    """DAFormer's colour jitter + Gaussian blur on normalised images, with kornia's ops as the official code
+    (``dacs_transforms.color_jitter`` / ``gaussian_blur``; kornia 0.5's ColorJitter is today's ColorJiggle). The on/off draws are shared by the batch (jitter when
+    ``jitter_draw > jitter_p``, blur when ``blur_draw > 0.5``); DAFormer transforms each mixed image on its own, so
+    each gets its own jitter factors and order, and its own sigma ~ U(0.15, 1.15); the blur kernel is the odd size
+    nearest to 10 % of each side. Jitter runs on the 0..1 scale (kornia clamps there)."""
+    mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    jitter = ColorJiggle(brightness=strength, contrast=strength, saturation=strength, hue=strength)
     out = []
     for image in images.unsqueeze(1):
         if jitter_draw > jitter_p:
-            jitter = T.ColorJitter(brightness=strength, contrast=strength, saturation=strength, hue=strength)
-            image = (jitter(((image * std + mean) / 255.0).clamp(0, 1)) * 255.0 - mean) / std
+            image = (jitter((image * std + mean) / 255.0) * 255.0 - mean) / std
         if blur_draw > 0.5:
             sigma = float(np.random.uniform(0.15, 1.15))
-            kh, kw = (blur_kernel_size(side) for side in image.shape[-2:])
-            image = TF.gaussian_blur(image, kernel_size=[kw, kh], sigma=[sigma, sigma])
+            kernel = tuple(blur_kernel_size(side) for side in image.shape[-2:])
+            image = gaussian_blur2d(image, kernel, (sigma, sigma))
         out.append(image)
     return torch.cat(out)
 
@@ -156,123 +158,6 @@ def teacher_mode(network: nn.Module):
             m.momentum = momentum
         for m, mode in modes.items():
             m.training = mode
-
-
-# -------------------------------------------------------------------------------------------- networks
-class MissingWeightsError(FileNotFoundError):
-    pass
-
-
-def _conv_bn_relu(c_in: int, c_out: int, kernel: int = 1, dilation: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, padding=dilation * (kernel // 2), dilation=dilation,
-                                   groups=groups, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
-
-
-class DAFormerHead(nn.Module):
-    """DAFormer's context-aware fusion decoder (``daformer_sepaspp``): a linear embedding of each encoder level to
-    ``embed_dim``, bilinear upsampling to the 1/4 level, and a depthwise-separable ASPP (dilations 1, 6, 12, 18,
-    no image pooling) + 3x3 bottleneck fusion, then Dropout2d(0.1) and a 1x1 classifier."""
-
-    def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256,
-                 dilations: Sequence[int] = (1, 6, 12, 18), dropout: float = 0.1):
-        super().__init__()
-        self.embed = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
-        fused = embed_dim * len(in_channels)
-        self.aspp = nn.ModuleList(
-            _conv_bn_relu(fused, embed_dim) if d == 1 else
-            nn.Sequential(_conv_bn_relu(fused, fused, 3, d, groups=fused), _conv_bn_relu(fused, embed_dim))
-            for d in dilations)
-        self.bottleneck = _conv_bn_relu(embed_dim * len(dilations), embed_dim, 3)
-        self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(embed_dim, num_classes, 1)
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
-
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        size = features[0].shape[-2:]
-        embedded = []
-        for embed, f in zip(self.embed, features):
-            e = embed(f.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(f.shape[0], -1, *f.shape[-2:])
-            embedded.append(F.interpolate(e, size=size, mode="bilinear", align_corners=False))
-        x = torch.cat(embedded, dim=1)
-        x = self.bottleneck(torch.cat([branch(x) for branch in self.aspp], dim=1))
-        return self.classifier(self.dropout(x))
-
-
-class _SegmentationNetwork(nn.Module, ABC):
-    """Encoder (4 levels at strides 4-32) + DAFormer head; ``forward`` returns logits at the input resolution."""
-
-    encoder: nn.Module
-    head: DAFormerHead
-
-    @abstractmethod
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The encoder's 4 feature maps, finest first."""
-
-    def decode(self, features: Sequence[torch.Tensor], size) -> torch.Tensor:
-        return F.interpolate(self.head(features), size=size, mode="bilinear", align_corners=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.features(x), x.shape[-2:])
-
-
-class SmallDAFormer(_SegmentationNetwork):
-    """A small random-init network for CPU runs: a 4-level conv encoder (strides 4, 8, 16, 32) and the DAFormer
-    head with a narrower embedding and dilations scaled to small crops."""
-
-    def __init__(self, num_classes: int, widths: Sequence[int] = (16, 32, 64, 128), embed_dim: int = 64,
-                 dilations: Sequence[int] = (1, 2, 3, 4)):
-        super().__init__()
-        stem = nn.Sequential(_conv_bn_relu(3, widths[0], 3), nn.MaxPool2d(2), _conv_bn_relu(widths[0], widths[0], 3),
-                             nn.MaxPool2d(2))
-        stages = [nn.Sequential(nn.MaxPool2d(2), _conv_bn_relu(c_in, c_out, 3), _conv_bn_relu(c_out, c_out, 3))
-                  for c_in, c_out in zip(widths[:-1], widths[1:])]
-        self.encoder = nn.ModuleList([stem, *stages])
-        self.head = DAFormerHead(widths, num_classes, embed_dim, dilations)
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = []
-        for stage in self.encoder:
-            x = stage(x)
-            out.append(x)
-        return out
-
-
-MIT_VARIANTS = {"b0": ([2, 2, 2, 2], [32, 64, 160, 256]), "b1": ([2, 2, 2, 2], [64, 128, 320, 512]),
-                "b2": ([3, 4, 6, 3], [64, 128, 320, 512]), "b3": ([3, 4, 18, 3], [64, 128, 320, 512]),
-                "b4": ([3, 8, 27, 3], [64, 128, 320, 512]), "b5": ([3, 6, 40, 3], [64, 128, 320, 512])}
-
-
-class SegFormerDAFormer(_SegmentationNetwork):
-    """DAFormer: the SegFormer Mix Transformer encoder (``transformers.SegformerModel``; DAFormer uses MiT-B5 with
-    ImageNet-1k weights, drop path 0.1) and the DAFormer head.
-
-    ``pretrained`` names the Hugging Face checkpoint (``nvidia/mit-b5``: the ImageNet-1k MiT-B5 encoder), loaded
-    from the local cache or downloaded; ``None`` builds the ``variant`` with random weights (tests only).
-    """
-
-    def __init__(self, num_classes: int, variant: Literal["b0", "b1", "b2", "b3", "b4", "b5"] = "b5",
-                 pretrained: str | None = "nvidia/mit-b5", embed_dim: int = 256,
-                 dilations: Sequence[int] = (1, 6, 12, 18), drop_path_rate: float = 0.1):
-        super().__init__()
-        from transformers import SegformerConfig, SegformerModel
-
-        if pretrained:
-            try:
-                self.encoder = SegformerModel.from_pretrained(pretrained, drop_path_rate=drop_path_rate)
-            except OSError as err:
-                raise MissingWeightsError(
-                    f"could not load the pretrained encoder {pretrained!r} ({err}).\n  With internet it downloads "
-                    f"once into the Hugging Face cache; offline, copy that cache entry (HF_HOME) to this machine, or "
-                    f"set model.init_args.network.init_args.pretrained=null to train from random weights.") from err
-        else:
-            depths, hidden = MIT_VARIANTS[variant]
-            self.encoder = SegformerModel(SegformerConfig(depths=depths, hidden_sizes=hidden,
-                                                          drop_path_rate=drop_path_rate))
-        self.head = DAFormerHead(self.encoder.config.hidden_sizes, num_classes, embed_dim, dilations)
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.encoder(pixel_values=x, output_hidden_states=True).hidden_states)
 
 
 # ------------------------------------------------------------------------------------------- the module
@@ -423,8 +308,8 @@ class DAFormerSelfTraining(ZooModule):
 
     def log_segmentation(self, key: str, images: torch.Tensor, masks: dict[str, torch.Tensor], limit: int = 4):
         """A W&B panel: each image with its label maps as switchable mask overlays (rank 0, W&B loggers only)."""
-        loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
-        if not loggers or not self.trainer.is_global_zero or self.trainer.sanity_checking:
+        loggers = wandb_loggers(self.trainer)
+        if not loggers:
             return
         mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
@@ -439,15 +324,12 @@ class DAFormerSelfTraining(ZooModule):
     # ---------------------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         """AdamW with the head at ``head_lr_mult`` x lr and no weight decay on normalisation layers (mmseg's
-        ``paramwise_cfg``: custom keys ``head`` and ``norm``), poly schedule with linear warm-up."""
-        groups: dict[tuple[float, float], list] = {}
-        for name, p in self.network.named_parameters():
-            if p.requires_grad:
-                lr = self.lr * (self.head_lr_mult if name.startswith("head.") else 1.0)
-                decay = 0.0 if "norm" in name else self.weight_decay
-                groups.setdefault((lr, decay), []).append(p)
-        opt = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-                                lr=self.lr, betas=(0.9, 0.999))
+        ``paramwise_cfg``: custom keys ``head`` and ``norm``), poly schedule with linear warm-up. The no-decay rule is
+        the zoo's one (every normalisation layer, bias and 1-d parameter): mmseg's substring key ``norm`` misses the
+        head's BatchNorm layers, whose names are ``bn``, and the biases, a difference of weight decay 0.01 on a few
+        thousand parameters."""
+        groups = param_groups(self.network, self.weight_decay, lr=self.lr, lr_multipliers={"head.": self.head_lr_mult})
+        opt = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.999))
         total = int(self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: poly_warmup(step, total, self.warmup_steps, self.warmup_ratio, self.poly_power))

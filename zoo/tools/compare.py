@@ -1,4 +1,4 @@
-"""``python -m zoo.core.compare --out card.md --seeds 0,1,2 name=experiments/A.yaml name2=experiments/B.yaml``
+"""``python -m zoo.tools.compare --out card.md --seeds 0,1,2 name=experiments/A.yaml name2=experiments/B.yaml``
 
 Trains every experiment with every seed under one protocol (the seed sets the labeled split, the sampler and the
 initialisation, identically for all methods, so every method sees the same labeled images), then writes a
@@ -47,7 +47,7 @@ class RecordValidation(Callback):
 def run_one(config: str, seed: int, name: str, root: str, extra: list[str],
             seeded_data_args: tuple[str, ...] = ("split_seed", "sampler_seed")) -> dict:
     from zoo.core.cli import ZooCLI
-    from zoo.core.compare import RecordValidation as Recorder  # the class the CLI built, also under ``python -m``
+    from zoo.tools.compare import RecordValidation as Recorder  # the class the CLI built, also under ``python -m``
 
     start = time.perf_counter()
     seeds = [f"--data.init_args.{arg}={seed}" for arg in seeded_data_args]
@@ -84,7 +84,7 @@ def write_card(results: list[dict], out: Path, seeds: list[int], experiments: di
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     body = "\n".join(lines)
     commands = "\n".join(f"- `{n}`: `experiments/{Path(c).name}`" for n, c in experiments.items())
-    out.write_text(f"<!-- written by python -m zoo.core.compare -->\nSeeds {seeds} (each seed: labeled split, "
+    out.write_text(f"<!-- written by python -m zoo.tools.compare -->\nSeeds {seeds} (each seed: labeled split, "
                    f"sampler and initialisation, shared by all methods). Hardware: {cpu}.\n\n{body}\n\n"
                    f"![learning curves]({plot.name})\n\nExperiments:\n{commands}\n")
     (out.with_suffix(".json")).write_text(json.dumps(results, indent=1))
@@ -134,7 +134,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lower-is-better", action="store_true", help="rank ascending (distances such as FD)")
     args, extra = parser.parse_known_args(argv)
     experiments = dict(e.split("=", 1) for e in args.experiments)
-    extra = ["--trainer.callbacks+=zoo.core.compare.RecordValidation", *extra]
+    extra = ["--trainer.callbacks+=zoo.tools.compare.RecordValidation", *extra]
     seeded = tuple(a for a in args.seeded_data_args.split(",") if a)
     results = [run_one(config, seed, name, args.root, extra, seeded)
                for seed in args.seeds for name, config in experiments.items()]

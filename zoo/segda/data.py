@@ -26,22 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .data import FixedLengthSampler, dist_info
-from .datasets import MissingDatasetError, _require, data_root
+from zoo.core.data import FixedLengthSampler, StreamDataModule
+from zoo.core.datasets import IMAGENET_MEAN, IMAGENET_STD, MissingDatasetError, _require, data_root
 
 __all__ = ["SegmentationSet", "load_segmentation_set", "SEGMENTATION_SETS", "SourceTargetDataModule",
            "RareClassSampler", "rare_class_probabilities", "CITYSCAPES_CLASSES", "CAMVID_CLASSES",
            "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IGNORE = 255
-IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # 0..255 scale, as DAFormer
 
 CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                       "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
@@ -283,7 +281,7 @@ class EvalDataset(Dataset):
                 "label": torch.from_numpy(np.ascontiguousarray(label))}
 
 
-class SourceTargetDataModule(L.LightningDataModule):
+class SourceTargetDataModule(StreamDataModule):
     """Labelled source + unlabelled target training streams (``CombinedLoader({"source", "target"})``) and the
     target's held-out frames for evaluation.
 
@@ -332,45 +330,25 @@ class SourceTargetDataModule(L.LightningDataModule):
     def palette(self):
         return self.sets["val"].palette
 
-    def _world(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else dist_info()
-
-    def _steps_done_in_epoch(self) -> int:
-        if self.trainer is None:
-            return 0
-        return self.trainer.global_step - self.trainer.current_epoch * self.steps_per_epoch
-
     def _stream(self, domain: str, stream_seed: int) -> DataLoader:
-        rank, world = self._world()
-        if self.batch_size % world:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by {world} processes")
         step_batch = self.batch_size * (1 + self.future_batches)
-        data, draws = self.sets[domain], step_batch * self.steps_per_epoch
-        seed = self.sampler_seed * 2 + stream_seed
+        data, seed = self.sets[domain], self.sampler_seed * 2 + stream_seed
+        self.per_rank(self.batch_size)  # the real batch itself must split over the processes
+        sampler, min_pixels = None, 0.0
         if domain == "source" and self.rare_class_temperature is not None:
+            rank, world = self.world()
             sampler = RareClassSampler(data.class_pixel_counts(), self.rare_class_temperature,
-                                       self.rare_class_min_pixels, draws, seed, rank, world)
+                                       self.rare_class_min_pixels, step_batch * self.steps_per_epoch, seed, rank, world)
             min_pixels = self.rare_class_min_pixels * self.rare_class_min_crop_ratio
-        else:
-            sampler, min_pixels = FixedLengthSampler(len(data), draws, seed, rank, world), 0.0
-        sampler.fast_forward(self._steps_done_in_epoch() * step_batch // world)
         dataset = CropDataset(data, self.crop_size, self.cat_max_ratio if domain == "source" else 1.0, min_pixels)
-        return DataLoader(dataset, batch_size=step_batch // world, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, pin_memory=self._pin(),
-                          persistent_workers=self.num_workers > 0)
-
-    def _pin(self) -> bool:
-        return self.pin_memory and torch.cuda.is_available()
+        return self.stream(dataset, step_batch, seed, sampler=sampler)
 
     def train_dataloader(self):
         return CombinedLoader({"source": self._stream("source", 0), "target": self._stream("target", 1)},
                               mode="min_size")
 
     def val_dataloader(self):
-        dataset = EvalDataset(self.sets["val"])
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if self._world()[1] > 1 else None
-        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, num_workers=self.num_workers,
-                          pin_memory=self._pin(), persistent_workers=self.num_workers > 0)
+        return self.eval_loader(EvalDataset(self.sets["val"]), self.eval_batch_size)
 
     test_dataloader = val_dataloader
 

@@ -1,4 +1,4 @@
-"""``python -m zoo.core.bench_data experiments/X.yaml --workers N --batches M [--key=value ...]``: input pipeline speed.
+"""``python -m zoo.tools.bench_data experiments/X.yaml --workers N --batches M [--key=value ...]``: input pipeline speed.
 
 Builds the experiment's data module as training does (same views, batch sizes, samplers; ``--key=value``
 overrides as for ``python -m zoo fit``), then iterates each training stream alone, with no model, through its
@@ -79,7 +79,7 @@ def training_streams(config: str, workers: int, overrides: list[str]) -> tuple[o
     """The experiment's data module and its training DataLoaders by stream name (``lb``, ``ulb``, ...)."""
     from lightning.pytorch.utilities import CombinedLoader
 
-    from .cli import ZooCLI
+    from zoo.core.cli import ZooCLI
 
     with tempfile.TemporaryDirectory(prefix="zoo-bench-data-") as root:
         cli = ZooCLI(args=["--config", config, f"--data.init_args.num_workers={workers}", "--trainer.logger=false",

@@ -1,4 +1,4 @@
-"""``python -m zoo.core.bench experiments/X.yaml --steps N [--key=value ...]``: training throughput.
+"""``python -m zoo.tools.bench experiments/X.yaml --steps N [--key=value ...]``: training throughput.
 
 Runs N training steps of the experiment as configured (no validation, no logger) and prints samples/s (dataset
 items of all streams, summed over processes) and the share of wall time the training loop waited for data. The
@@ -10,7 +10,7 @@ import argparse
 import tempfile
 import time
 
-from .callbacks import SpeedMonitor
+from zoo.core.callbacks import SpeedMonitor
 
 
 def main(argv=None) -> None:
@@ -18,7 +18,7 @@ def main(argv=None) -> None:
     parser.add_argument("config")
     parser.add_argument("--steps", type=int, default=100)
     args, overrides = parser.parse_known_args(argv)
-    from .cli import ZooCLI
+    from zoo.core.cli import ZooCLI
 
     with tempfile.TemporaryDirectory(prefix="zoo-bench-") as root:
         cli = ZooCLI(args=["--config", args.config, f"--trainer.max_steps={args.steps}",
