@@ -266,10 +266,10 @@ def _init_arguments(class_path: str) -> list[str]:
 
 def main(args=None) -> None:
     from .callbacks import NonFiniteLossError
-    from .datasets import MissingDatasetError
+    from .datasets import MissingDatasetError, MissingWeightsError
 
     try:
         ZooCLI(args=args)
-    except (MissingDatasetError, NonFiniteLossError) as err:  # expected failures: the message, not a traceback
+    except (MissingDatasetError, MissingWeightsError, NonFiniteLossError) as err:  # expected failures: the message, not a traceback
         print(f"\n[zoo] {type(err).__name__}: {err}", file=sys.stderr)
         raise SystemExit(2) from None

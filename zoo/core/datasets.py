@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ImageSet", "IMAGENET_MEAN", "IMAGENET_STD", "MissingDatasetError", "data_root", "load_image_set", "IMAGE_SETS"]
+__all__ = ["ImageSet", "IMAGENET_MEAN", "IMAGENET_STD", "MissingDatasetError", "MissingWeightsError", "data_root", "load_image_set", "IMAGE_SETS"]
 
 
 # ImageNet statistics on the 0..255 scale (mmcv's img_norm_cfg; what ImageNet-pretrained encoders expect)
@@ -21,6 +21,10 @@ IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 class MissingDatasetError(FileNotFoundError):
     pass
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Pretrained weights that are neither on disk nor downloadable here (no internet): the message names them."""
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank_and_world", "concat_all_gather", "mean_over_ranks", "global_mean"]
+__all__ = ["is_distributed", "rank_and_world", "concat_all_gather", "gather_with_grad", "mean_over_ranks",
+           "global_mean"]
 
 
 def is_distributed() -> bool:
@@ -26,6 +27,35 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: ``concat_all_gather``. Backward: each rank's gradient with respect to the gathered tensor is summed
+    over ranks (``all_reduce``) and each rank keeps the rows it contributed: the gradient that every rank's loss
+    sends to this rank's embeddings (what SimCLR's ``tpu_cross_replica_concat``, a cross-replica sum, does)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows = tensor.shape[0]
+        return concat_all_gather(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rank = dist.get_rank()
+        return grad[rank * ctx.rows : (rank + 1) * ctx.rows]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (same shape on every rank) concatenated along dim 0 in rank order, differentiable.
+
+    With each rank's loss the mean over its own anchors and DDP averaging the parameter gradients, the gradient
+    equals the one of the single-process loss over the global batch (``tests/test_ssl.py`` checks it under gloo).
+    Identity outside a distributed run."""
+    if not is_distributed():
+        return tensor
+    return _GatherWithGrad.apply(tensor)
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.core.module import ZooModule
+from zoo.core.datasets import MissingWeightsError
 from zoo.segda.host import ema_alpha, strong_transform, teacher_mode
 from zoo.mic.module import mask_images
 
@@ -72,8 +73,6 @@ class ViTBackbone(nn.Module):
                  variant: Literal["tiny", "small", "base"] = "base"):
         super().__init__()
         from transformers import ViTConfig, ViTModel
-
-        from zoo.segda.networks import MissingWeightsError
 
         if pretrained:
             try:

@@ -9,11 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DAFormerHead", "SmallDAFormer", "SegFormerDAFormer", "MissingWeightsError", "MIT_VARIANTS"]
+from zoo.core.datasets import MissingWeightsError
 
-class MissingWeightsError(FileNotFoundError):
-    pass
-
+__all__ = ["DAFormerHead", "SmallDAFormer", "SegFormerDAFormer", "MIT_VARIANTS"]
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int = 1, dilation: int = 1, groups: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, padding=dilation * (kernel // 2), dilation=dilation,
