@@ -15,6 +15,8 @@ BatchNorm: both official codes normalise over the global batch (SyncBN across TP
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from typing import Literal
 
 import torch
@@ -30,7 +32,7 @@ from .losses import byol_loss, byol_target_decay, nt_xent_loss
 __all__ = ["SSLModule", "SimCLR", "BYOL"]
 
 
-class SSLModule(ZooModule):
+class SSLModule(ZooModule, ABC):
     """Host of a self-supervised method on the encoder ``network`` (anything with ``num_features``, e.g.
     ``zoo.ssl.encoders.timm_encoder``).
 
@@ -67,14 +69,14 @@ class SSLModule(ZooModule):
         self._stores: dict[str, FeatureStore] = {}
 
     # ------------------------------------------------------------- what a method implements
+    @abstractmethod
     def ssl_step(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
         """The method's loss on ``batch``, the backbone features of each view it encoded (in the order of
         ``view_names``; the probe trains on them), and extra values to log under ``train/``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def embedding(self, features: torch.Tensor) -> torch.Tensor:
         """The representation the SSL loss compares, computed from backbone features (RankMe's input)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
