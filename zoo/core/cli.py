@@ -117,8 +117,9 @@ class ZooCLI(LightningCLI):
         run = cfg["run"]
         name = run["name"]
         if not name:
+            # the experiment's stem: later --config files are overlays on it (offline stand-ins, protocols)
             configs = cfg.get("config") or []
-            name = Path(str(configs[-1])).stem if configs else "run"
+            name = Path(str(configs[0])).stem if configs else "run"
         return cfg, run, name, Path(run["root"]) / name
 
     def instantiate_trainer(self, **kwargs):

@@ -6,6 +6,8 @@
 - :class:`SimCLR` (Chen et al., ICML 2020): a contrastive method, NT-Xent over the 2N views of the global batch.
 - :class:`BYOL` (Grill et al., NeurIPS 2020): a non-contrastive one, an online predictor regressing a momentum
   target network's projection.
+- :class:`Supervised`: the reference every SSL comparison needs beside random init, the same encoder trained with
+  the labels (cross-entropy) on the same stream and budget.
 
 Optimiser: both papers train with LARS (SimCLR: lr 0.3 x B/256 on ImageNet, 1.0 x B/256 for CIFAR-10, wd 1e-6 /
 1e-4; BYOL: lr 0.2 x B/256, wd 1.5e-6), which the zoo's base does not have; the hosts use the base's SGD with
@@ -21,6 +23,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from zoo.core.module import ZooModule
 from zoo.core.teacher import EMATeacher
@@ -29,7 +32,7 @@ from .encoders import MLPHead, feature_dim
 from .evaluation import EVAL_SPLITS, FeatureStore, OnlineLinearProbe, evaluate_representation
 from .losses import byol_loss, byol_target_decay, nt_xent_loss
 
-__all__ = ["SSLModule", "SimCLR", "BYOL"]
+__all__ = ["SSLModule", "SimCLR", "BYOL", "Supervised"]
 
 
 class SSLModule(ZooModule, ABC):
@@ -208,3 +211,28 @@ class BYOL(SSLModule):
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         self.target.update(self.online_network(), self.target_decay_at(self.global_step))
+
+
+class Supervised(SSLModule):
+    """The supervised reference encoder: ``network`` + a linear classifier trained with cross-entropy on the labels
+    that ride along with the stream (the one host that reads them), on one view per image
+    (``zoo.ssl.views.SupervisedViews``: crop and flip). Evaluated like every SSL method (frozen-feature kNN, linear
+    probe, RankMe of the backbone), so a table can put "what labels buy" beside each label-free objective at the
+    same encoder and budget.
+    """
+
+    view_names = ("view1",)
+
+    def __init__(self, network: nn.Module, **host):
+        super().__init__(network, **host)
+        self.classifier = nn.Linear(self.num_features, self.num_classes)
+
+    def embedding(self, features: torch.Tensor) -> torch.Tensor:
+        return features  # the loss compares no embedding: RankMe reads the representation itself
+
+    def ssl_step(self, batch: dict):
+        features = self.network(batch["view1"])
+        logits = self.classifier(features).float()  # cross-entropy in float32 under bf16 autocast
+        loss = F.cross_entropy(logits, batch["label"])
+        accuracy = (logits.argmax(1) == batch["label"]).float().mean()
+        return loss, [features], {"supervised_acc": accuracy}

@@ -38,7 +38,7 @@ from zoo.core.views import View
 
 __all__ = ["random_resized_crop", "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue",
            "to_grayscale", "gaussian_blur", "solarize", "rgb_to_hsv", "hsv_to_rgb", "SSLView", "MultiView",
-           "BYOLViews", "SimCLRViews"]
+           "BYOLViews", "SimCLRViews", "SupervisedViews"]
 
 # ITU-R 601 luma as TF's rgb_to_grayscale weighs it (the BYOL and SimCLR codes)
 GRAYSCALE_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], np.float32)
@@ -272,3 +272,13 @@ class SimCLRViews(MultiView):
                            brightness_mode="multiplicative", blur_p=blur_p, solarize_p=0.0)
 
         super().__init__({"view1": view(), "view2": view()}, local_view, num_local_views)
+
+
+class SupervisedViews(MultiView):
+    """The one view of the family's supervised reference encoder (``zoo.ssl.hosts.Supervised``): the standard
+    supervised ImageNet augmentation, random resized crop (area ``crop_scale``) and horizontal flip, no colour
+    distortion; ``view1`` only, so the workers augment each image once."""
+
+    def __init__(self, size: int | None = None, crop_scale: tuple[float, float] = (0.08, 1.0)):
+        super().__init__({"view1": SSLView(size, crop_scale, color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
+                                           solarize_p=0.0)})
