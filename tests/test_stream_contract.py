@@ -31,6 +31,10 @@ K = 1  # resume after K optimizer steps of the epoch
 # then; so every epoch is first requested at its start, and each accumulation setting gets an epoch of its own.
 
 TINY = {  # constructor arguments: real offline data, a few items per batch, no worker processes
+    "zoo.transitive_invariance.data.TransitiveGraphDataModule": dict(
+        dataset="digits", patch_size=10, crop_size=8, track_gap=10, num_clusters=2, sequences=["libby", "car-shadow"],
+        mining_encoder={"name": "resnet18", "cifar_stem": True, "model_kwargs": {"channels": [4, 8, 8, 8]}},
+        batch_size=4, steps_per_epoch=STEPS, num_workers=0, download=False),
     "zoo.semisup.data.SemiSupervisedDataModule": dict(dataset="digits", num_labels=40, batch_size=4, uratio=2,
                                                       steps_per_epoch=STEPS, num_workers=0, download=False),
     "zoo.ict.data.ImageDataModule": dict(dataset="mnist", batch_size=4, steps_per_epoch=STEPS, grayscale=True,
