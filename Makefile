@@ -15,7 +15,7 @@ OFFLINE ?=
 # OFFLINE=1 adds the experiment's offline stand-in (experiments/offline/<EXP>.yaml) as a second config
 OVERLAY = $(if $(OFFLINE),--config experiments/offline/$(EXP).yaml)
 
-.PHONY: help venv train smoke test bench bench-data compare compare-digits sample clean
+.PHONY: help venv train smoke test bench bench-data compare compare-digits compare-ssl sample clean
 
 help: ## list the commands and every experiment
 	@echo "Commands:"
@@ -56,6 +56,12 @@ compare: venv ## FixMatch, UDA, ShrinkMatch, SimMatchV2 and supervised on the CI
 		supervised=experiments/supervised_cifar10_subset.yaml fixmatch=experiments/fixmatch_cifar10_subset.yaml \
 		uda=experiments/uda_cifar10_subset.yaml shrinkmatch=experiments/shrinkmatch_cifar10_subset.yaml \
 		simmatchv2=experiments/simmatchv2_cifar10_subset.yaml $(ARGS)
+
+compare-ssl: venv ## the SSL family's frozen-backbone table (random init, supervised, SimCLR, BYOL, GroCo, MoCo-v2, InterCLR) over SEEDS
+	$(PY) -m zoo.tools.ssl_table --out docs/results/ssl_representations --seeds $(SEEDS) --datasets cifar10_subset \
+		supervised=experiments/supervised_encoder_cifar10_subset.yaml simclr=experiments/simclr_cifar10_subset.yaml \
+		byol=experiments/byol_cifar10_subset.yaml groco=experiments/groco_cifar10_subset.yaml \
+		moco_v2=experiments/interclr_cifar10_subset_moco.yaml interclr=experiments/interclr_cifar10_subset.yaml $(ARGS)
 
 sample: venv ## a PNG grid from a trained consistency model: make sample RUN=ict_mnist SAMPLE_STEPS=1|2
 	$(PY) -m zoo.ict.sample --checkpoint runs/$(RUN)/checkpoints/last.ckpt \
