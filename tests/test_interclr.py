@@ -218,3 +218,22 @@ def test_moco_baseline_has_no_inter_branch():
     assert "inter_loss" not in logs and loss.item() == pytest.approx(logs["intra_loss"].item())
     assert model.bank.numel() == 0 and model.centroids.numel() == 0  # no bank kept at all
     assert model.queue_pointer.item() == 4
+
+
+def test_a_checkpoints_bank_loads_into_a_module_built_outside_a_trainer():
+    """The offline tools (zoo.ssl.bank.load_module) build the module without a data module, so its bank is empty
+    until the checkpoint's state fills it: the bank and its labels take the checkpoint's size and values."""
+    from zoo.ssl.encoders import timm_encoder
+
+    def build():
+        torch.manual_seed(0)
+        return InterCLR(timm_encoder("resnet18", cifar_stem=True, model_kwargs={"channels": [4, 8, 8, 8]}),
+                        queue_length=16, num_clusters=2, semihard_pool=4, num_negatives=2)
+
+    trained = build()
+    trained.bank = F.normalize(torch.randn(6, trained.bank.shape[1]), dim=1)
+    trained.bank_labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    fresh = build()
+    assert len(fresh.bank) == 0
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh.bank, trained.bank) and torch.equal(fresh.bank_labels, trained.bank_labels)

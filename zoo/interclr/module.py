@@ -271,6 +271,15 @@ class InterCLR(SSLModule):
             raise ValueError(f"{self.num_clusters} clusters of at least {self.min_cluster_size} cannot hold the "
                              f"{size} images of {datamodule.dataset}: scale num_clusters / min_cluster_size")
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint's bank has one entry per training image; a module built outside a Trainer (the offline
+        feature-bank tools) has not sized it yet: take the checkpoint's size."""
+        for name in ("bank", "bank_labels"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def on_train_start(self) -> None:
         if self.uses_bank and not self.bank_ready:  # a resumed run restored its bank from the checkpoint
             self.fill_bank(self.trainer.datamodule)
