@@ -13,7 +13,7 @@ import torch.nn as nn
 from zoo.core.cli import ZooCLI
 from zoo.core.data import FixedLengthSampler
 from zoo.semisup.data import sample_labeled_indices
-from zoo.core.module import ZooModule, param_groups, warmup_cosine
+from zoo.core.module import ZooModule, param_groups, warmup_cosine, warmup_step
 from zoo.core.nets import SmallCNN, WideResNet
 from zoo.core.teacher import EMATeacher, StopGradTeacher
 
@@ -126,6 +126,8 @@ def test_no_weight_decay_on_biases_and_norms():
             is_norm_or_bias = isinstance(module, nn.BatchNorm2d) or name == "bias"
             assert (id(p) in ids) == is_norm_or_bias
     assert sum(p.numel() for p in net.parameters()) == 1_467_626  # USB's wrn_28_2
+    (everything,) = param_groups(net, 1e-4, decay_norm_and_bias=True)  # plain SGD(model.parameters(), wd)
+    assert everything["weight_decay"] == 1e-4 and len(everything["params"]) == len(list(net.parameters()))
 
 
 def test_fixmatch_cosine_schedule():
@@ -134,6 +136,17 @@ def test_fixmatch_cosine_schedule():
         assert math.isclose(warmup_cosine(k, total, 0, 7 / 16), math.cos(7 * math.pi * k / (16 * total)))
     assert warmup_cosine(4, total, 10, 0.5) == 0.5  # linear warm-up
     assert warmup_cosine(total, total, 0, 0.5) < 1e-12
+
+
+def test_step_schedule_matches_multistep_lr():
+    """``warmup_step`` with no warm-up is torch's ``MultiStepLR([K // 2, 3K // 4], 0.1)``, step for step."""
+    total, opt = 80, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = torch.optim.lr_scheduler.MultiStepLR(opt, [total // 2, total * 3 // 4], 0.1)
+    for step in range(total):
+        assert math.isclose(warmup_step(step, total, 0, (0.5, 0.75), 0.1), opt.param_groups[0]["lr"], rel_tol=1e-9)
+        opt.step()
+        reference.step()
+    assert warmup_step(2, total, 4, (0.5,), 0.1) == 0.75  # linear warm-up first
 
 
 def test_wandb_offline_run_holds_the_logged_metrics(monkeypatch):

@@ -4,8 +4,8 @@ A paper subclasses :class:`ZooModule`, declares its hyper-parameters as ``__init
 defaults (the constructor is the config schema), passes the shared ones through, and implements
 ``training_step`` / ``validation_step``. The base provides:
 
-- SGD / AdamW / RAdam with no weight decay on biases and normalisation parameters;
-- linear warm-up then cosine decay over ``trainer.estimated_stepping_batches``;
+- SGD / AdamW / RAdam / Adagrad with no weight decay on biases and normalisation parameters;
+- linear warm-up then cosine decay over ``trainer.estimated_stepping_batches`` (or step decay at fractions of it);
 - an optional EMA teacher of ``self.network`` updated right after every optimizer step (``self.ema``, an
   :class:`~zoo.core.teacher.EMATeacher`), and :meth:`ZooModule.teachers`, every teacher a paper keeps.
 """
@@ -21,15 +21,16 @@ import torch.nn as nn
 from .metrics import accuracy
 from .teacher import EMATeacher, Teacher
 
-__all__ = ["ZooModule", "param_groups", "warmup_cosine"]
+__all__ = ["ZooModule", "param_groups", "warmup_cosine", "warmup_step"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def param_groups(module: nn.Module, weight_decay: float, lr: float | None = None,
-                 lr_multipliers: dict[str, float] | None = None) -> list[dict]:
+                 lr_multipliers: dict[str, float] | None = None, decay_norm_and_bias: bool = False) -> list[dict]:
     """Parameter groups: weights with ``weight_decay``; biases, normalisation parameters (any BatchNorm, GroupNorm,
-    LayerNorm) and other 1-d parameters without. ``lr_multipliers`` maps a parameter-name prefix to a learning-rate
+    LayerNorm) and other 1-d parameters without, unless ``decay_norm_and_bias`` (plain ``SGD(weight_decay=...)`` on
+    every parameter, as some official codes train). ``lr_multipliers`` maps a parameter-name prefix to a learning-rate
     factor (DAFormer's head at 10x lr), each group then carrying its own ``lr``. A parameter shared by two modules
     (tied input/output embeddings of a language model) is listed once."""
     multipliers = lr_multipliers or {}
@@ -41,7 +42,7 @@ def param_groups(module: nn.Module, weight_decay: float, lr: float | None = None
                 continue
             seen.add(id(p))
             full_name = f"{module_name}.{name}" if module_name else name
-            no_decay = isinstance(mod, _NORM_TYPES) or name.endswith("bias") or p.ndim <= 1
+            no_decay = not decay_norm_and_bias and (isinstance(mod, _NORM_TYPES) or name.endswith("bias") or p.ndim <= 1)
             factor = next((f for prefix, f in multipliers.items() if full_name.startswith(prefix)), 1.0)
             groups.setdefault((no_decay, factor), []).append(p)
     out = []
@@ -64,30 +65,42 @@ def warmup_cosine(step: int, total: int, warmup: int, cycles: float) -> float:
     return max(0.0, math.cos(math.pi * cycles * progress))
 
 
+def warmup_step(step: int, total: int, warmup: int, milestones: tuple[float, ...], gamma: float) -> float:
+    """LR multiplier: linear warm-up, then ``gamma`` to the number of ``milestones`` (fractions of ``total``
+    steps) already passed; ``(0.5, 0.75)``, ``gamma=0.1`` is the classic CIFAR ResNet schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return gamma ** sum(step >= int(fraction * total) for fraction in milestones)
+
+
 class ZooModule(L.LightningModule):
     """Base for every paper. ``network`` is the trained model; subclasses add their own heads and losses.
 
     Args:
         network: the backbone + classifier (or any model) being trained.
-        optimizer: ``sgd`` (with ``momentum`` / ``nesterov``), ``adamw`` or ``radam``.
+        optimizer: ``sgd`` (with ``momentum`` / ``nesterov``), ``adamw``, ``radam`` or ``adagrad``.
         lr, weight_decay, momentum, nesterov: optimiser settings; weight decay skips biases and norms.
         warmup_steps: linear warm-up length in optimizer steps.
-        lr_schedule: ``cosine`` (see :func:`warmup_cosine`, with ``cosine_cycles``) or ``constant``.
+        lr_schedule: ``cosine`` (see :func:`warmup_cosine`, with ``cosine_cycles``), ``step`` (see
+            :func:`warmup_step`, with ``lr_milestones`` and ``lr_gamma``) or ``constant``.
+        decay_norm_and_bias: weight decay on biases and normalisation parameters too.
         ema_decay: if set, keep ``self.ema``, an EMA of ``network`` with this decay.
         ema_buffers: ``copy`` or ``average`` BatchNorm statistics into the EMA.
         compile: wrap ``network`` in ``torch.compile``.
     """
 
-    def __init__(self, network: nn.Module, optimizer: Literal["sgd", "adamw", "radam"] = "sgd", lr: float = 0.03,
+    def __init__(self, network: nn.Module, optimizer: Literal["sgd", "adamw", "radam", "adagrad"] = "sgd", lr: float = 0.03,
                  weight_decay: float = 5e-4, momentum: float = 0.9, nesterov: bool = True, warmup_steps: int = 0,
-                 lr_schedule: Literal["cosine", "constant"] = "cosine", cosine_cycles: float = 7 / 16,
-                 ema_decay: float | None = 0.999, ema_buffers: Literal["copy", "average"] = "copy",
+                 lr_schedule: Literal["cosine", "step", "constant"] = "cosine", cosine_cycles: float = 7 / 16,
+                 lr_milestones: tuple[float, ...] = (0.5, 0.75), lr_gamma: float = 0.1,
+                 decay_norm_and_bias: bool = False, ema_decay: float | None = 0.999, ema_buffers: Literal["copy", "average"] = "copy",
                  compile: bool = False):
         super().__init__()
         self.network = network
         self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
         self.momentum, self.nesterov, self.warmup_steps = momentum, nesterov, warmup_steps
         self.lr_schedule, self.cosine_cycles = lr_schedule, cosine_cycles
+        self.lr_milestones, self.lr_gamma, self.decay_norm_and_bias = tuple(lr_milestones), lr_gamma, decay_norm_and_bias
         self.ema_decay = ema_decay
         self.ema = EMATeacher(network, buffers=ema_buffers) if ema_decay is not None else None
         self.compile = compile
@@ -125,20 +138,27 @@ class ZooModule(L.LightningModule):
         return self
 
     def configure_optimizers(self):
-        groups = param_groups(self.trainable_modules(), self.weight_decay)
+        groups = param_groups(self.trainable_modules(), self.weight_decay, decay_norm_and_bias=self.decay_norm_and_bias)
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
         elif self.optimizer_name == "adamw":
             opt = torch.optim.AdamW(groups, lr=self.lr)
         elif self.optimizer_name == "radam":
             opt = torch.optim.RAdam(groups, lr=self.lr)
+        elif self.optimizer_name == "adagrad":
+            opt = torch.optim.Adagrad(groups, lr=self.lr)
         else:
-            raise ValueError(f"unknown optimizer {self.optimizer_name!r}; use sgd, adamw or radam")
+            raise ValueError(f"unknown optimizer {self.optimizer_name!r}; use sgd, adamw, radam or adagrad")
         if self.lr_schedule == "constant":
             return opt
         total = int(self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, total, self.warmup_steps, self.cosine_cycles))
+        if self.lr_schedule == "step":
+            factor = lambda step: warmup_step(step, total, self.warmup_steps, self.lr_milestones, self.lr_gamma)
+        elif self.lr_schedule == "cosine":
+            factor = lambda step: warmup_cosine(step, total, self.warmup_steps, self.cosine_cycles)
+        else:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use cosine, step or constant")
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -------------------------------------------------------------- teachers

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["WideResNet", "SmallCNN"]
+__all__ = ["CifarResNet", "WideResNet", "SmallCNN"]
 
 
 class _Block(nn.Module):
@@ -86,6 +86,64 @@ class SmallCNN(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(self.body(x), 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class _CifarBasicBlock(nn.Module):
+    """Post-activation basic block; when the block halves the resolution, the shortcut is option A of He et al.
+    (2016): subsample by 2 and pad the new channels with zeros, so the shortcut has no parameters."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.stride, self.extra_channels = stride, c_out - c_in
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels)) if self.extra_channels else x
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.shortcut(x) + self.bn2(self.conv2(out)))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. (2016), depth 6n+2 (20, 32, 44, 56, 110): a 3x3 stem of 16 channels, three
+    stages of n basic blocks at 16/32/64 channels with option-A shortcuts, global average pooling. ``resnet32``
+    (depth 32: 464,154 parameters for 10 classes) is the network of SLA's and MDCS's CIFAR tables."""
+
+    def __init__(self, num_classes: int = 10, depth: int = 32, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CifarResNet depth must be 6n+2 (20, 32, 44, 56, 110), not {depth}")
+        n = (depth - 2) // 6
+        widths = [width, 2 * width, 4 * width]
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        blocks, c_in = [], width
+        for stage, c_out in enumerate(widths):
+            for i in range(n):
+                blocks.append(_CifarBasicBlock(c_in, c_out, 2 if stage > 0 and i == 0 else 1))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.num_features = widths[-1]
+        self.classifier = nn.Linear(widths[-1], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu(self.bn1(self.conv1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -33,7 +33,8 @@ class SemiSupervisedDataModule(StreamDataModule):
 
     Args:
         dataset: one of ``zoo.core.datasets.IMAGE_SETS``.
-        num_labels: labeled training images, balanced over classes, drawn with ``split_seed``.
+        num_labels: labeled training images, balanced over classes, drawn with ``split_seed``; ``None`` labels every
+            training image (fully supervised training, e.g. SLA).
         batch_size: global labeled batch per step (split across ranks).
         uratio: unlabeled batch = ``uratio * batch_size`` (FixMatch's mu). 0 trains on the labeled stream only.
         steps_per_epoch: optimizer steps per epoch (validation and checkpoint cadence).
@@ -41,7 +42,7 @@ class SemiSupervisedDataModule(StreamDataModule):
         include_labeled_in_unlabeled: the unlabeled stream draws from the whole training set (FixMatch, USB).
     """
 
-    def __init__(self, dataset: str = "cifar10", num_labels: int = 40, batch_size: int = 64, uratio: int = 7,
+    def __init__(self, dataset: str = "cifar10", num_labels: int | None = 40, batch_size: int = 64, uratio: int = 7,
                  steps_per_epoch: int = 1024, labeled_views: dict[str, View] | None = None,
                  unlabeled_views: dict[str, View] | None = None, include_labeled_in_unlabeled: bool = True,
                  eval_batch_size: int = 256, num_workers: int = 4, split_seed: int = 0, sampler_seed: int = 0,
@@ -64,8 +65,9 @@ class SemiSupervisedDataModule(StreamDataModule):
         if self.data is not None:
             return
         self.data = load_image_set(self.dataset, download=self.download)
-        self.labeled_idx = sample_labeled_indices(self.data.y_train, self.num_labels, self.data.num_classes,
-                                                  self.split_seed)
+        self.labeled_idx = (np.arange(len(self.data.y_train)) if self.num_labels is None else
+                            sample_labeled_indices(self.data.y_train, self.num_labels, self.data.num_classes,
+                                                   self.split_seed))
         self.unlabeled_idx = (np.arange(len(self.data.y_train)) if self.include_labeled_in_unlabeled
                               else np.setdiff1d(np.arange(len(self.data.y_train)), self.labeled_idx))
         # normalisation constants on the 0..255 scale, applied on the device

@@ -1,0 +1,1 @@
+"""SLA: self-supervised label augmentation (Lee, Hwang & Shin, ICML 2020)."""
