@@ -171,3 +171,16 @@ def test_finished_run_keeps_its_final_state_and_a_rerun_does_not_train_again():
     assert first["global_step"] == FIXMATCH.steps
     ZooCLI(args=command)  # rerun: nothing left to train
     assert_same_state(first, final_state("finished"), FIXMATCH.steps)
+
+
+def test_a_run_directory_of_another_experiment_is_not_resumed():
+    """Two comparisons with the same method names under one ``--run.root``: the second must not continue the first
+    one's checkpoint on its own data; the error names what differs, and the first run is left as it was."""
+    command = FIXMATCH.command("taken", "--trainer.max_steps=2")
+    ZooCLI(args=command)
+    before = final_state("taken")
+    with pytest.raises(ValueError, match=r"another experiment \(data.init_args.dataset: 'digits' -> 'mnist'"):
+        ZooCLI(args=command + ["--data.init_args.dataset=mnist"])
+    assert_same_state(before, final_state("taken"), 2)
+    ZooCLI(args=command + ["--trainer.max_steps=3"])  # a longer run of the same experiment resumes
+    assert final_state("taken")["global_step"] == 3

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -168,12 +169,30 @@ class ZooCLI(LightningCLI):
         cfg, run, name, run_dir = self._run_settings()
         last = run_dir / "checkpoints" / "last.ckpt"
         if cfg.get("ckpt_path") is None and run["resume"] and last.exists():
+            self._check_same_experiment(cfg, run_dir)
             print(f"[zoo] resuming {name} from {last}", flush=True)
             self.config_init[self.subcommand]["ckpt_path"] = str(last)
         if self.trainer.is_global_zero and isinstance(self.trainer.logger, WandbLogger):
             experiment = self.trainer.logger.experiment  # creates the run now, on rank 0 only
             if getattr(experiment, "id", None):
                 (run_dir / "wandb_run_id").write_text(experiment.id)
+
+    def _check_same_experiment(self, cfg, run_dir: Path) -> None:
+        """Resuming continues *this* experiment: a run directory holding a run of another model or data (two
+        comparisons with the same method names under one root, a reused ``--run.name``) is an error, not a silent
+        resume of someone else's checkpoint. Only settings present in both configs count, so a constructor argument
+        added to the code since the run started does not block its resume; the trainer may change (longer runs)."""
+        saved_file = run_dir / "config.yaml"
+        if not saved_file.exists():
+            return
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+        parser = self._parser(self.subcommand) if self.subcommand else self.parser
+        current = yaml.safe_load(parser.dump(cfg, skip_none=False, format="yaml"))
+        differences = [d for key in ("model", "data") for d in _differences(saved.get(key), current.get(key), key)]
+        if differences:
+            raise ValueError(
+                f"{run_dir} holds a run of another experiment ({'; '.join(differences[:4])}); pick another "
+                "--run.name or --run.root, or pass --run.resume=false to start this one over there")
 
     def after_fit(self) -> None:
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
@@ -195,6 +214,14 @@ class ZooCLI(LightningCLI):
                 print(f"[zoo] W&B run saved offline in {Path(experiment.dir).parent}; upload it with:\n"
                       f"      wandb sync {Path(experiment.dir).parent}")
             experiment.finish()
+
+
+def _differences(saved, current, path: str) -> list[str]:
+    """``path: saved -> current`` for each setting both configs hold with different values."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [d for key in saved.keys() & current.keys()
+                for d in _differences(saved[key], current[key], f"{path}.{key}")]
+    return [] if saved == current else [f"{path}: {saved!r} -> {current!r}"]
 
 
 def _suggest_keys(parser, args) -> None:

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CifarResNet", "WideResNet", "SmallCNN"]
+__all__ = ["CifarBasicBlock", "CifarResNet", "WideResNet", "SmallCNN"]
 
 
 class _Block(nn.Module):
@@ -91,7 +91,7 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-class _CifarBasicBlock(nn.Module):
+class CifarBasicBlock(nn.Module):
     """Post-activation basic block; when the block halves the resolution, the shortcut is option A of He et al.
     (2016): subsample by 2 and pad the new channels with zeros, so the shortcut has no parameters."""
 
@@ -129,7 +129,7 @@ class CifarResNet(nn.Module):
         blocks, c_in = [], width
         for stage, c_out in enumerate(widths):
             for i in range(n):
-                blocks.append(_CifarBasicBlock(c_in, c_out, 2 if stage > 0 and i == 0 else 1))
+                blocks.append(CifarBasicBlock(c_in, c_out, 2 if stage > 0 and i == 0 else 1))
                 c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.num_features = widths[-1]

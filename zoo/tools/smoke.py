@@ -25,9 +25,21 @@ def load_class(class_path: str):
 
 def data_overrides(config: dict, sizes: dict = SMOKE_DATA) -> list[str]:
     data = config.get("data") or {}
-    cls = load_class(data["class_path"])
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = init_arguments(load_class(data["class_path"]))
     return [f"--data.init_args.{k}={v}" for k, v in sizes.items() if k in accepted]
+
+
+def init_arguments(cls) -> set[str]:
+    """Constructor arguments of ``cls``, including those a ``**kwargs`` passes on to its parents' constructors."""
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass.__init__).parameters
+        names |= {n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    return names - {"self"}
 
 
 def smoke_args(config_path: str, run_root: str, subcommand: bool = True, overlays: list[str] = ()) -> list[str]:
