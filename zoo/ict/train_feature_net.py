@@ -78,7 +78,9 @@ def load_feature_net(data: ImageDataModule, train_if_missing: bool = True) -> Sm
         if not train_if_missing:
             raise FileNotFoundError(f"no feature classifier at {path}; run python -m zoo.ict.train_feature_net")
         start = time.time()
-        with torch.enable_grad():  # callers evaluate under no_grad; the first call trains the classifier here
+        # callers evaluate under no_grad; the first call trains the classifier here, on a forked random state: a
+        # run that trains it must draw the same random numbers afterwards as one that finds it cached (resume)
+        with torch.enable_grad(), torch.random.fork_rng():
             net, accuracy = train_feature_net(data)
         _save(net, accuracy, path)
         print(f"[ict] trained the FD feature classifier on {data.dataset} in {time.time() - start:.0f}s "
