@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from zoo.core.datasets import MissingDatasetError, _require, load_mnist
+from zoo.core.datasets import MissingDatasetError, require_file, load_mnist
 
 from .snuba import ABSTAIN, one_vs_rest_snuba, snuba_votes
 
@@ -49,7 +49,7 @@ class AutoWSData:
 def _wrench_split(name: str, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     how = ("The WRENCH sets (youtube, sms, trec) are in ../shared/data/weak_supervision (see its SOURCE.md); "
            "set ZOO_DATA_DIR to that data folder.")
-    path = _require(f"weak_supervision/{name}/{split}.json.gz", how)
+    path = require_file(f"weak_supervision/{name}/{split}.json.gz", how)
     rows = list(json.load(gzip.open(path)).values())
     return ([r["data"]["text"] for r in rows], np.array([r["label"] for r in rows]),
             np.array([r["weak_labels"] for r in rows]))
@@ -80,7 +80,7 @@ def load_autows_data(name: str, embedding_dim: int = 100, max_train: int | None 
     pca = PCA(embedding_dim, random_state=0).fit(tfidf.transform([train_text[i] for i in train]).toarray())
     embed = lambda texts: pca.transform(tfidf.transform(texts).toarray()).astype(np.float32)  # noqa: E731
     train_x, valid_x = embed([train_text[i] for i in train]), embed(valid_text)
-    num_classes = len(json.load(open(_require(f"weak_supervision/{name}/label.json", ""))))
+    num_classes = len(json.load(open(require_file(f"weak_supervision/{name}/label.json", ""))))
     return AutoWSData(name, num_classes, train_x, train_x, train_y[train], valid_x, valid_x, valid_y,
                       embed(test_text), test_y, train_votes[train])
 

@@ -53,7 +53,9 @@ def shared_root() -> Path:
     return Path(os.environ.get("ZOO_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
-def _require(relative: str, how: str) -> Path:
+def require_file(relative: str, how: str) -> Path:
+    """The path of a dataset file under ``data_root()`` or ``shared_root()``; a clear error naming the path and ``how``
+    to obtain it when neither holds it (never a substitute)."""
     for root in (data_root(), shared_root()):
         if (root / relative).exists():
             return root / relative
@@ -98,7 +100,7 @@ def load_cifar100(download: bool = True) -> ImageSet:
 
 def load_cifar10_subset(download: bool = False) -> ImageSet:
     """The offline 10k/2k CIFAR-10 subset (JPEG-decoded; see its SOURCE.md)."""
-    path = _require("cifar10/cifar10_subset.npz",
+    path = require_file("cifar10/cifar10_subset.npz",
                     "It ships in the zoo's shared offline data (set ZOO_DATA_DIR=../shared/data).")
     d = np.load(path)
     return ImageSet("cifar10_subset", d["x_train"], d["y_train"].astype(np.int64), d["x_test"],
@@ -114,17 +116,17 @@ def load_mnist(download: bool = False) -> ImageSet:
     """MNIST 60k/10k from torchvision's raw idx files (``<root>/mnist/MNIST/raw/*.gz``), as 28x28 RGB."""
     raw = "mnist/MNIST/raw/"
     how = "Download the four idx .gz files from http://yann.lecun.com/exdb/mnist/ into that folder."
-    x_tr = _idx(_require(raw + "train-images-idx3-ubyte.gz", how), 16).reshape(-1, 28, 28)
-    y_tr = _idx(_require(raw + "train-labels-idx1-ubyte.gz", how), 8)
-    x_te = _idx(_require(raw + "t10k-images-idx3-ubyte.gz", how), 16).reshape(-1, 28, 28)
-    y_te = _idx(_require(raw + "t10k-labels-idx1-ubyte.gz", how), 8)
+    x_tr = _idx(require_file(raw + "train-images-idx3-ubyte.gz", how), 16).reshape(-1, 28, 28)
+    y_tr = _idx(require_file(raw + "train-labels-idx1-ubyte.gz", how), 8)
+    x_te = _idx(require_file(raw + "t10k-images-idx3-ubyte.gz", how), 16).reshape(-1, 28, 28)
+    y_te = _idx(require_file(raw + "t10k-labels-idx1-ubyte.gz", how), 8)
     return ImageSet("mnist", _rgb(x_tr), y_tr.astype(np.int64), _rgb(x_te), y_te.astype(np.int64),
                     (0.1307,) * 3, (0.3081,) * 3, tuple(str(i) for i in range(10)))
 
 
 def load_usps(download: bool = False) -> ImageSet:
     """USPS 7,291/2,007 at 16x16, as RGB."""
-    path = _require("usps/usps_16x16.npz",
+    path = require_file("usps/usps_16x16.npz",
                     "It ships in the zoo's shared offline data (set ZOO_DATA_DIR=../shared/data).")
     d = np.load(path)
     return ImageSet("usps", _rgb(d["x_train"]), d["y_train"].astype(np.int64), _rgb(d["x_test"]),
@@ -156,7 +158,7 @@ IMAGENET_MEAN_01, IMAGENET_STD_01 = tuple(v / 255 for v in IMAGENET_MEAN), tuple
 def load_imagenette_subset(download: bool = False) -> ImageSet:
     """The offline Imagenette subset: 10 ImageNet classes, 800 train / 400 val (used as the test split) at 64x64
     (see its SOURCE.md). Not the full Imagenette (9,469 / 3,925 images), which the zoo does not load."""
-    path = _require("imagenette/imagenette_64px_subset.npz",
+    path = require_file("imagenette/imagenette_64px_subset.npz",
                     "It ships in the zoo's shared offline data (set ZOO_DATA_DIR=../shared/data).")
     d = np.load(path)
     return ImageSet("imagenette_subset", d["x_train"], d["y_train"].astype(np.int64), d["x_val"],
@@ -172,7 +174,7 @@ def load_pacs_unseen(domain: str) -> ImageSet:
     split holds the three other domains, the test split the unseen ``domain``."""
     if domain not in PACS_DOMAINS:
         raise ValueError(f"unknown PACS domain {domain!r}; domains: {PACS_DOMAINS}")
-    path = _require("pacs/pacs_64px_64per.npz",
+    path = require_file("pacs/pacs_64px_64per.npz",
                     "It ships in the zoo's shared offline data (set ZOO_DATA_DIR=../shared/data).")
     d = np.load(path)
     names = tuple(str(n) for n in d["domain_names"])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo.core.datasets import MissingDatasetError, _require, data_root
+from zoo.core.datasets import MissingDatasetError, require_file, data_root
 
 __all__ = ["load_corpus", "load_prompts", "final_number", "ARITHMETIC_SPLITS"]
 
@@ -32,15 +32,15 @@ ARITHMETIC_SPLITS = ("sft", "prompts", "test")
 
 def load_corpus(name: str) -> str:
     if name == "tiny_shakespeare":
-        return _require("tiny_shakespeare/input.txt", "karpathy/char-rnn data/tinyshakespeare/input.txt").read_text()
+        return require_file("tiny_shakespeare/input.txt", "karpathy/char-rnn data/tinyshakespeare/input.txt").read_text()
     if name == "c4_demo":
-        path = _require("instruct_demo/c4_demo.jsonl.gz", "hiyouga/LLaMA-Factory data/c4_demo.jsonl, gzipped")
+        path = require_file("instruct_demo/c4_demo.jsonl.gz", "hiyouga/LLaMA-Factory data/c4_demo.jsonl, gzipped")
         return "\n".join(json.loads(line)["text"] for line in gzip.open(path, "rt"))
     raise ValueError(f"unknown corpus {name!r}; use tiny_shakespeare or c4_demo")
 
 
 def _gsm8k(split: str) -> list[dict]:
-    path = _require(f"gsm8k/{split}.jsonl.gz", _GSM8K_HOW)
+    path = require_file(f"gsm8k/{split}.jsonl.gz", _GSM8K_HOW)
     return [json.loads(line) for line in gzip.open(path, "rt")]
 
 

@@ -10,7 +10,7 @@ import csv
 import gzip
 import json
 
-from zoo.core.datasets import _require
+from zoo.core.datasets import require_file
 
 __all__ = ["load_hh_rlhf", "split_dialogue", "load_ag_news"]
 
@@ -19,7 +19,7 @@ ASSISTANT = "\n\nAssistant:"
 
 def load_hh_rlhf() -> list[dict]:
     """``[{"chosen": str, "rejected": str}, ...]`` (2,312 pairs)."""
-    path = _require("hh_rlhf/harmless-base-test.jsonl.gz",
+    path = require_file("hh_rlhf/harmless-base-test.jsonl.gz",
                     "HH-RLHF harmless-base test: anthropics/hh-rlhf harmless-base/test.jsonl.gz (MIT).")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
@@ -33,7 +33,7 @@ def split_dialogue(dialogue: str) -> tuple[str, str]:
 
 def load_ag_news() -> tuple[list[str], list[int]]:
     """Texts ``title. description`` and labels 0..3 (World, Sports, Business, Sci/Tech), 1,900 per class."""
-    path = _require("ag_news/test.csv.gz",
+    path = require_file("ag_news/test.csv.gz",
                     "AG News official test split (Zhang et al. 2015), csv with label,title,description.")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))

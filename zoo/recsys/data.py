@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch.utils.data import Dataset
 
 from zoo.core.data import StreamDataModule
-from zoo.core.datasets import MissingDatasetError, _require, data_root
+from zoo.core.datasets import MissingDatasetError, require_file, data_root
 
 __all__ = ["Interactions", "InteractionsDataModule", "load_interactions", "INTERACTION_SETS"]
 
@@ -139,7 +139,7 @@ def load_movielens100k(split: str = "u1", download: bool = False) -> Interaction
     """MovieLens-100k with one of its official splits (``u1``..``u5``, ``ua``, ``ub``)."""
     if split not in ML100K_SPLITS:
         raise ValueError(f"unknown MovieLens-100k split {split!r}; official splits: {ML100K_SPLITS}")
-    d = np.load(_require("movielens100k/ml100k.npz", "It ships in the zoo's shared offline data (set "
+    d = np.load(require_file("movielens100k/ml100k.npz", "It ships in the zoo's shared offline data (set "
                          "ZOO_DATA_DIR=../shared/data); the raw files are at "
                          "https://files.grouplens.org/datasets/movielens/ml-100k.zip"))
     pairs = np.stack([d["user_id"].astype(np.int64) - 1, d["item_id"].astype(np.int64) - 1], 1)

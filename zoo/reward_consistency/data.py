@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from zoo.core.data import StreamDataModule
-from zoo.core.datasets import _require
+from zoo.core.datasets import require_file
 from zoo.lm.embeddings import CosineIndex, SentenceEmbedder
 from zoo.lm.heads import load_tokenizer
 from zoo.lm.text_datasets import load_hh_rlhf, split_dialogue
@@ -44,11 +44,11 @@ OFFICIAL_HOW = "the paper's data: shadowkiller33/Contrast-Instruction data/ (cop
 def _official(task: str) -> tuple[list[dict], list[dict], list[dict]]:
     """(train pairs, test pairs, contrast items) as dicts with q / chosen / rejected and q / p / y_q / y_p."""
     def pairs(split):
-        path = _require(f"contrast_instructions/human_preferences/{task}/{split}.json", OFFICIAL_HOW)
+        path = require_file(f"contrast_instructions/human_preferences/{task}/{split}.json", OFFICIAL_HOW)
         rows = json.loads(path.read_text())
         return [{"q": r["question"], "chosen": r["response_j"], "rejected": r["response_k"]} for r in rows]
 
-    path = _require(f"contrast_instructions/contrast_instructions/{CONTRAST_FILES[task]}", OFFICIAL_HOW)
+    path = require_file(f"contrast_instructions/contrast_instructions/{CONTRAST_FILES[task]}", OFFICIAL_HOW)
     items = json.loads(path.read_text())
     contrast = [{"q": r["query"], "p": r["retrieval"], "y_q": r["query_response_k"], "y_p": r["retrieval_response_k"]}
                 for r in items]

@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from zoo.core.data import FixedLengthSampler, StreamDataModule
-from zoo.core.datasets import IMAGENET_MEAN, IMAGENET_STD, MissingDatasetError, _require, data_root
+from zoo.core.datasets import IMAGENET_MEAN, IMAGENET_STD, MissingDatasetError, require_file, data_root
 
 __all__ = ["SegmentationSet", "load_segmentation_set", "SEGMENTATION_SETS", "SourceTargetDataModule",
            "RareClassSampler", "rare_class_probabilities", "CITYSCAPES_CLASSES", "CAMVID_CLASSES",
@@ -131,7 +131,7 @@ def load_cityscapes(split: str) -> SegmentationSet:
 
 
 def _camvid(sequences: tuple[str, ...], splits: tuple[str, ...], name: str) -> SegmentationSet:
-    path = _require("camvid/camvid_96x128.npz",
+    path = require_file("camvid/camvid_96x128.npz",
                     "It ships in the zoo's shared offline data (set ZOO_DATA_DIR=../shared/data).")
     d = np.load(path)
     images, labels = [], []
