@@ -99,7 +99,7 @@ class BatchStylesStandardization:
                 continue
             mean, std = self.pixel_mean.to(views.device), self.pixel_std.to(views.device)
             images = ((views.float() * std + mean) / 255).clamp(0, 1)
-            style = images[index].contiguous()
+            style = images[index].clone()  # its own buffer: the broadcast writes into it on the other ranks
             if world > 1:
                 dist.broadcast(style, src=owner)
             mask = low_frequency_mask(*images.shape[-2:], r, device=images.device)
