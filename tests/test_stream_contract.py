@@ -69,6 +69,8 @@ TINY = {  # constructor arguments: real offline data, a few items per batch, no 
     "zoo.weak_to_strong.data.WeakToStrongDataModule": dict(n_docs=32, n_test_docs=8, batch_size=4),  # 16 / 4 steps
     "zoo.reward_consistency.data.PreferenceDataModule": dict(n_test=8, n_train=16, max_length=32, batch_size=4,
                                                              contrast_min_similarity=0.3),  # 16 / 4 steps
+    "zoo.continual.data.TaskStreamDataModule": dict(dataset="digits", num_tasks=5, steps_per_task=3, batch_size=4,
+                                                    steps_per_epoch=STEPS, num_workers=0),  # task switches mid-epoch
 }
 
 

@@ -6,6 +6,8 @@ defaults (the constructor is the config schema), passes the shared ones through,
 
 - SGD / AdamW / RAdam / Adagrad with no weight decay on biases and normalisation parameters;
 - linear warm-up then cosine decay over ``trainer.estimated_stepping_batches`` (or step decay at fractions of it);
+  for continual pre-training, the infinite schedule (warm-up, cosine cool-down, then constant forever) or cosine
+  cycles restarted every ``lr_cycle_steps`` (re-warm + decay at each task boundary);
 - an optional EMA teacher of ``self.network`` updated right after every optimizer step (``self.ema``, an
   :class:`~zoo.core.teacher.EMATeacher`), and :meth:`ZooModule.teachers`, every teacher a paper keeps.
 """
@@ -21,7 +23,7 @@ import torch.nn as nn
 from .metrics import accuracy
 from .teacher import EMATeacher, Teacher
 
-__all__ = ["ZooModule", "param_groups", "warmup_cosine", "warmup_step"]
+__all__ = ["ZooModule", "infinite_cosine", "param_groups", "repeated_cosine", "warmup_cosine", "warmup_step"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -73,6 +75,30 @@ def warmup_step(step: int, total: int, warmup: int, milestones: tuple[float, ...
     return gamma ** sum(step >= int(fraction * total) for fraction in milestones)
 
 
+def infinite_cosine(step: int, warmup: int, cooldown: int, constant_ratio: float) -> float:
+    """LR multiplier of the infinite schedule (Ibrahim et al., 2024, "inf-cos"): linear warm-up to 1 over ``warmup``
+    steps, cosine cool-down from 1 to ``constant_ratio`` (eta_const / eta_max) over ``cooldown`` steps, then
+    ``constant_ratio`` for ever. No total step count: a run can always be continued on new data. (The final
+    exponential annealing eta_const -> eta_min is applied to a copy of the model before evaluating it, by the caller.)
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < warmup + cooldown:
+        progress = (step - warmup) / cooldown
+        return constant_ratio + (1 - constant_ratio) * (1 + math.cos(math.pi * progress)) / 2
+    return constant_ratio
+
+
+def repeated_cosine(step: int, cycle: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier restarted every ``cycle`` steps (one cycle per task of a continual run): linear re-warm-up to 1
+    over ``warmup`` steps, then cosine decay to ``min_ratio`` (eta_min / eta_max) at the cycle's end."""
+    step = step % cycle
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, cycle - warmup)
+    return min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * progress)) / 2
+
+
 class ZooModule(L.LightningModule):
     """Base for every paper. ``network`` is the trained model; subclasses add their own heads and losses.
 
@@ -82,7 +108,12 @@ class ZooModule(L.LightningModule):
         lr, weight_decay, momentum, nesterov: optimiser settings; weight decay skips biases and norms.
         warmup_steps: linear warm-up length in optimizer steps.
         lr_schedule: ``cosine`` (see :func:`warmup_cosine`, with ``cosine_cycles``), ``step`` (see
-            :func:`warmup_step`, with ``lr_milestones`` and ``lr_gamma``) or ``constant``.
+            :func:`warmup_step`, with ``lr_milestones`` and ``lr_gamma``), ``constant``, ``infinite`` (see
+            :func:`infinite_cosine`, with ``cooldown_steps`` and ``constant_lr_ratio``) or ``repeated_cosine`` (see
+            :func:`repeated_cosine`, with ``lr_cycle_steps`` and ``min_lr_ratio``); the last two need no total
+            step count.
+        cooldown_steps, constant_lr_ratio: ``infinite``: cosine cool-down length, and eta_const / lr after it.
+        lr_cycle_steps, min_lr_ratio: ``repeated_cosine``: the restart period (a task's length) and eta_min / lr.
         decay_norm_and_bias: weight decay on biases and normalisation parameters too.
         ema_decay: if set, keep ``self.ema``, an EMA of ``network`` with this decay.
         ema_buffers: ``copy`` or ``average`` BatchNorm statistics into the EMA.
@@ -91,8 +122,10 @@ class ZooModule(L.LightningModule):
 
     def __init__(self, network: nn.Module, optimizer: Literal["sgd", "adamw", "radam", "adagrad"] = "sgd", lr: float = 0.03,
                  weight_decay: float = 5e-4, momentum: float = 0.9, nesterov: bool = True, warmup_steps: int = 0,
-                 lr_schedule: Literal["cosine", "step", "constant"] = "cosine", cosine_cycles: float = 7 / 16,
-                 lr_milestones: tuple[float, ...] = (0.5, 0.75), lr_gamma: float = 0.1,
+                 lr_schedule: Literal["cosine", "step", "constant", "infinite", "repeated_cosine"] = "cosine",
+                 cosine_cycles: float = 7 / 16, lr_milestones: tuple[float, ...] = (0.5, 0.75), lr_gamma: float = 0.1,
+                 cooldown_steps: int = 0, constant_lr_ratio: float = 0.1, lr_cycle_steps: int | None = None,
+                 min_lr_ratio: float = 0.01,
                  decay_norm_and_bias: bool = False, ema_decay: float | None = 0.999, ema_buffers: Literal["copy", "average"] = "copy",
                  compile: bool = False):
         super().__init__()
@@ -101,6 +134,8 @@ class ZooModule(L.LightningModule):
         self.momentum, self.nesterov, self.warmup_steps = momentum, nesterov, warmup_steps
         self.lr_schedule, self.cosine_cycles = lr_schedule, cosine_cycles
         self.lr_milestones, self.lr_gamma, self.decay_norm_and_bias = tuple(lr_milestones), lr_gamma, decay_norm_and_bias
+        self.cooldown_steps, self.constant_lr_ratio = cooldown_steps, constant_lr_ratio
+        self.lr_cycle_steps, self.min_lr_ratio = lr_cycle_steps, min_lr_ratio
         self.ema_decay = ema_decay
         self.ema = EMATeacher(network, buffers=ema_buffers) if ema_decay is not None else None
         self.compile = compile
@@ -151,13 +186,22 @@ class ZooModule(L.LightningModule):
             raise ValueError(f"unknown optimizer {self.optimizer_name!r}; use sgd, adamw, radam or adagrad")
         if self.lr_schedule == "constant":
             return opt
-        total = int(self.trainer.estimated_stepping_batches)
-        if self.lr_schedule == "step":
+        if self.lr_schedule == "infinite":
+            factor = lambda step: infinite_cosine(step, self.warmup_steps, self.cooldown_steps, self.constant_lr_ratio)
+        elif self.lr_schedule == "repeated_cosine":
+            if not self.lr_cycle_steps or self.lr_cycle_steps <= self.warmup_steps:
+                raise ValueError(f"lr_schedule='repeated_cosine' needs lr_cycle_steps (the steps of one task) > "
+                                 f"warmup_steps={self.warmup_steps}; got lr_cycle_steps={self.lr_cycle_steps}")
+            factor = lambda step: repeated_cosine(step, self.lr_cycle_steps, self.warmup_steps, self.min_lr_ratio)
+        elif self.lr_schedule == "step":
+            total = int(self.trainer.estimated_stepping_batches)
             factor = lambda step: warmup_step(step, total, self.warmup_steps, self.lr_milestones, self.lr_gamma)
         elif self.lr_schedule == "cosine":
+            total = int(self.trainer.estimated_stepping_batches)
             factor = lambda step: warmup_cosine(step, total, self.warmup_steps, self.cosine_cycles)
         else:
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use cosine, step or constant")
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use cosine, step, constant, infinite or "
+                             f"repeated_cosine")
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
