@@ -71,6 +71,9 @@ TINY = {  # constructor arguments: real offline data, a few items per batch, no 
                                                              contrast_min_similarity=0.3),  # 16 / 4 steps
     "zoo.continual.data.TaskStreamDataModule": dict(dataset="digits", num_tasks=5, steps_per_task=3, batch_size=4,
                                                     steps_per_epoch=STEPS, num_workers=0),  # task switches mid-epoch
+    "zoo.itta.data.DomainGeneralizationDataModule": dict(dataset="pacs_64px_subset", test_domain="sketch",
+                                                         batch_size=4, image_size=64, steps_per_epoch=STEPS,
+                                                         num_workers=0),
 }
 
 
