@@ -74,6 +74,9 @@ TINY = {  # constructor arguments: real offline data, a few items per batch, no 
     "zoo.itta.data.DomainGeneralizationDataModule": dict(dataset="pacs_64px_subset", test_domain="sketch",
                                                          batch_size=4, image_size=64, steps_per_epoch=STEPS,
                                                          num_workers=0),
+    "zoo.coact.data.FewShotIncrementalDataModule": dict(dataset="usps", base_classes=4, ways=2, shots=5, base_epochs=1,
+                                                        incremental_epochs=1, batch_size=4, steps_per_epoch=STEPS,
+                                                        image_size=16, num_workers=0, download=False),
 }
 
 
