@@ -77,6 +77,8 @@ TINY = {  # constructor arguments: real offline data, a few items per batch, no 
     "zoo.coact.data.FewShotIncrementalDataModule": dict(dataset="usps", base_classes=4, ways=2, shots=5, base_epochs=1,
                                                         incremental_epochs=1, batch_size=4, steps_per_epoch=STEPS,
                                                         image_size=16, num_workers=0, download=False),
+    "zoo.fewshot.data.BaseClassDataModule": dict(dataset="digits", base_classes=[0, 1, 2, 3, 4], batch_size=4,
+                                                 steps_per_epoch=STEPS, num_workers=0),
 }
 
 
