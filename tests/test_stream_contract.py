@@ -79,6 +79,8 @@ TINY = {  # constructor arguments: real offline data, a few items per batch, no 
                                                         image_size=16, num_workers=0, download=False),
     "zoo.fewshot.data.BaseClassDataModule": dict(dataset="digits", base_classes=[0, 1, 2, 3, 4], batch_size=4,
                                                  steps_per_epoch=STEPS, num_workers=0),
+    "zoo.ul2.data.UL2DataModule": dict(block_size=16, batch_size=4, steps_per_epoch=STEPS, val_windows=4,
+                                       cloze_questions=4),
 }
 
 
