@@ -81,6 +81,10 @@ TINY = {  # constructor arguments: real offline data, a few items per batch, no 
                                                  steps_per_epoch=STEPS, num_workers=0),
     "zoo.ul2.data.UL2DataModule": dict(block_size=16, batch_size=4, steps_per_epoch=STEPS, val_windows=4,
                                        cloze_questions=4),
+    "zoo.ferkd.data.SoftLabelDataModule": dict(  # no teacher run here: a linear stand-in labels the crops in memory
+        store="absent_ferkd_store.pt", dataset="digits", num_crops=2, batch_size=8, steps_per_epoch=STEPS,
+        num_workers=0, download=False, standin_crops_per_image=4,
+        generate_missing_with=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))),
 }
 
 
