@@ -85,6 +85,10 @@ TINY = {  # constructor arguments: real offline data, a few items per batch, no 
         store="absent_ferkd_store.pt", dataset="digits", num_crops=2, batch_size=8, steps_per_epoch=STEPS,
         num_workers=0, download=False, standin_crops_per_image=4,
         generate_missing_with=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))),
+    "zoo.hle_plfms.data.HLEDataModule": dict(dataset="cifar10_subset", per_class=6, batch_size=4, online_iter=0.5,
+                                             steps_per_epoch=STEPS, num_workers=0, download=False),
+    "zoo.wscl.data.ManipulationDataModule": dict(train_source="coco_splices", eval_set="casia1_samples", crop_size=32,
+                                                 batch_size=4, steps_per_epoch=STEPS, num_workers=0),
 }
 
 
