@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 from zoo.core.data import ViewDataset
+from zoo.core.datasets import evaluation_images
 from zoo.core.distributed import concat_all_gather, is_distributed
 from zoo.core.teacher import EMATeacher
 from zoo.core.views import Identity
@@ -290,8 +291,9 @@ class InterCLR(SSLModule):
         split (each rank a shard, gathered), k-means on the normalised features, centroids = cluster means."""
         was_training = self.training
         self.eval()
-        loader = datamodule.eval_loader(ViewDataset(datamodule.data.x_train, datamodule.data.y_train,
-                                                    {"image": Identity()}), datamodule.eval_batch_size)
+        images = evaluation_images(datamodule.data.x_train)  # a lazily decoded folder: fixed-size centre crops
+        loader = datamodule.eval_loader(ViewDataset(images, datamodule.data.y_train, {"image": Identity()}),
+                                        datamodule.eval_batch_size)
         store = FeatureStore()
         for batch in loader:
             batch = datamodule.on_after_batch_transfer(self.transfer_batch_to_device(batch, self.device, 0), 0)

@@ -55,7 +55,7 @@ import torch
 import torch.nn as nn
 
 from zoo.core.data import normalise_images
-from zoo.core.datasets import data_root, load_image_set
+from zoo.core.datasets import data_root, evaluation_images, load_image_set
 
 __all__ = ["FeatureBank", "CorruptFeatureBankError", "cache_root", "feature_bank", "feature_banks", "save_bank",
            "load_bank", "load_module", "module_from_settings", "feature_function", "extract_features", "linear_probe",
@@ -318,8 +318,9 @@ def feature_banks(dataset: str, checkpoint: str | Path | None = None, encoder: s
     data = load_image_set(dataset, download=False)
     fn = feature_function(module, missing)
     start = time.perf_counter()
-    train = extract_features(fn, data.x_train, data.mean, data.std, batch_size, device)
-    test = extract_features(fn, data.x_test, data.mean, data.std, batch_size, device)
+    # evaluation_images: a lazily decoded folder (ImageNet) as fixed-size centre crops; in-memory arrays unchanged
+    train = extract_features(fn, evaluation_images(data.x_train), data.mean, data.std, batch_size, device)
+    test = extract_features(fn, evaluation_images(data.x_test), data.mean, data.std, batch_size, device)
     seconds = time.perf_counter() - start
     for layer in missing:
         meta = {**keys[layer], "source": source, "num_classes": data.num_classes, "classes": list(data.classes),

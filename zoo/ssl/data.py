@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from zoo.core.data import StreamDataModule, ViewDataset, normalise_images
-from zoo.core.datasets import ImageSet, load_image_set
+from zoo.core.datasets import ImageSet, evaluation_images, load_image_set
 from zoo.core.views import Identity
 
 from .evaluation import EVAL_SPLITS
@@ -81,8 +81,9 @@ class SSLDataModule(StreamDataModule):
         return self.stream(dataset, self.batch_size, seed=self.sampler_seed)
 
     def val_dataloader(self):
-        splits = {"bank": (self.data.x_train[self.bank_idx], self.data.y_train[self.bank_idx]),
-                  "test": (self.data.x_test, self.data.y_test)}
+        # evaluation_images: lazily decoded folders (ImageNet) as fixed-size centre crops; arrays unchanged
+        splits = {"bank": (evaluation_images(self.data.x_train)[self.bank_idx], self.data.y_train[self.bank_idx]),
+                  "test": (evaluation_images(self.data.x_test), self.data.y_test)}
         return [self.eval_loader(ViewDataset(*splits[name], {"image": Identity()}), self.eval_batch_size)
                 for name in EVAL_SPLITS]
 
