@@ -26,8 +26,27 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["View", "Identity", "WeakView", "StrongView", "RANDAUGMENT_OPS", "apply_op", "cutout"]
+__all__ = ["View", "Identity", "WeakView", "StrongView", "RANDAUGMENT_OPS", "apply_op", "cutout", "random_resized_box"]
 
+
+
+def random_resized_box(height: int, width: int, rng: random.Random, scale: tuple[float, float] = (0.08, 1.0),
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """``(top, left, crop_height, crop_width)`` of a RandomResizedCrop box: ``U(scale)`` of the area, log-uniform
+    aspect ratio (width / height) in ``ratio``; torchvision's sampler (10 tries, then the largest centred crop within
+    ``ratio``). Shared by the views that crop and by stores that record crops (FKD's soft labels)."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        crop_w, crop_h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            return rng.randint(0, height - crop_h), rng.randint(0, width - crop_w), crop_h, crop_w
+    aspect = width / height
+    crop_w, crop_h = ((width, int(round(width / ratio[0]))) if aspect < ratio[0] else
+                      (int(round(height * ratio[1])), height) if aspect > ratio[1] else (width, height))
+    crop_w, crop_h = min(crop_w, width), min(crop_h, height)
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 class View:
     """Base class: subclasses implement ``__call__(image: np.ndarray, rng: random.Random) -> np.ndarray``."""

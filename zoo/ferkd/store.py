@@ -13,13 +13,14 @@ file per image. ``fingerprint`` ties a store to the exact training images and la
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from zoo.core.views import random_resized_box
 
 __all__ = ["FORMAT", "sample_crop_boxes", "crop_view", "topk_quantise", "recover_soft_label", "fingerprint",
            "build_store", "save_store", "load_store"]
@@ -34,22 +35,9 @@ def sample_crop_boxes(height: int, width: int, count: int, rng: random.Random,
     coordinates ``(i / H, j / W, h / H, w / W)`` (top, left, height, width as fractions of the image), float32,
     and a bool flip per crop. The box sampler is torchvision's (10 tries, then the largest centred crop within
     ``ratio``); FKD's default area range for its EfficientNet-L2 teacher is ``(0.08, 0.936)``."""
-    area = height * width
     coords, flips = np.zeros((count, 4), np.float32), np.zeros(count, bool)
     for n in range(count):
-        for _ in range(10):
-            target = area * rng.uniform(*scale)
-            aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-            w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                i, j = rng.randint(0, height - h), rng.randint(0, width - w)
-                break
-        else:
-            aspect = width / height
-            w, h = ((width, int(round(width / ratio[0]))) if aspect < ratio[0] else
-                    (int(round(height * ratio[1])), height) if aspect > ratio[1] else (width, height))
-            w, h = min(w, width), min(h, height)
-            i, j = (height - h) // 2, (width - w) // 2
+        i, j, h, w = random_resized_box(height, width, rng, scale, ratio)
         coords[n] = (i / height, j / width, h / height, w / width)
         flips[n] = rng.random() < flip_p
     return coords, flips

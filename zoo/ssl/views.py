@@ -27,14 +27,13 @@ named views a data module serves (``view1``, ``view2``, and optional multi-crop 
 """
 from __future__ import annotations
 
-import math
 import random
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
-from zoo.core.views import View
+from zoo.core.views import View, random_resized_box
 
 __all__ = ["random_resized_crop", "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue",
            "to_grayscale", "gaussian_blur", "solarize", "rgb_to_hsv", "hsv_to_rgb", "SSLView", "MultiView",
@@ -53,20 +52,7 @@ def random_resized_crop(image: np.ndarray, rng: random.Random, size: int | None 
     sampler: 10 tries, then the largest centred crop within ``ratio``."""
     h, w = image.shape[:2]
     size = size or h
-    area = h * w
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        crop_w, crop_h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < crop_w <= w and 0 < crop_h <= h:
-            top, left = rng.randint(0, h - crop_h), rng.randint(0, w - crop_w)
-            break
-    else:
-        aspect = w / h
-        crop_w, crop_h = ((w, int(round(w / ratio[0]))) if aspect < ratio[0] else
-                          (int(round(h * ratio[1])), h) if aspect > ratio[1] else (w, h))
-        crop_w, crop_h = min(crop_w, w), min(crop_h, h)
-        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    top, left, crop_h, crop_w = random_resized_box(h, w, rng, scale, ratio)
     box = (left, top, left + crop_w, top + crop_h)
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC, box=box))
 
